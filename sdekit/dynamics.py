@@ -1,0 +1,249 @@
+r"""Reverse-time SDEs and the probability-flow ODE derived from a forward process and a score.
+
+For :math:`dx = f\,dt + G\,dW` with marginals :math:`p_t` and :math:`D = GG^T`, every member of
+
+.. math::
+
+    dx = \Big[f - \frac{1+\eta^2}{2}\big(D\,\nabla\log p_t + \nabla\cdot D\big)\Big]dt + \eta\,G\,d\bar W,
+
+run from :math:`T` down to :math:`t_\varepsilon`, has the same marginals :math:`p_t`
+(:math:`(\nabla\cdot D)_i = \sum_j \partial_j D_{ij}`, zero for isotropic noise). η = 1 is
+Anderson's reverse SDE, η = 0 the probability-flow ODE (Song et al. 2021, eq. 13 and App. D).
+η may be a constant or a function of t (an EDM-style stochasticity schedule).
+
+Both objects know their time direction (``t_start = T`` → ``t_end = t_eps``) and can be handed
+to torchsde (:meth:`ReverseSDE.to_torchsde`, which runs in the increasing variable
+:math:`s = T - t` internally) and torchdiffeq (:class:`ProbabilityFlowODE` is callable as
+``(t, x)`` and torchdiffeq integrates decreasing times itself).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from .processes import apply_diffusion
+from ._validation import TimeLike, as_time, broadcast_to_data, check_positive, check_state, check_time_range, time_for
+
+__all__ = [
+    "ReverseSDE",
+    "ProbabilityFlowODE",
+    "TorchsdeAdapter",
+    "evaluate_score",
+    "diffusion_divergence",
+]
+
+F64 = torch.float64
+
+
+def evaluate_score(score: Callable, x: torch.Tensor, t64: torch.Tensor) -> torch.Tensor:
+    """Call ``score(x, t)`` with ``t`` as a ``(B,)`` tensor in x's dtype; check the output shape."""
+    tb = t64.to(dtype=x.dtype, device=x.device).expand(x.shape[0])
+    s = score(x, tb)
+    if not isinstance(s, torch.Tensor) or s.shape != x.shape:
+        raise ValueError(f"score(x, t) must return a tensor shaped like x {tuple(x.shape)}, got "
+                         f"{getattr(s, 'shape', type(s).__name__)}")
+    return s
+
+
+def diffusion_divergence(sde, x: torch.Tensor, t64: torch.Tensor) -> torch.Tensor:
+    r""":math:`(\nabla\cdot GG^T)_i = \sum_j \partial_j (GG^T)_{ij}` for state-dependent noise.
+
+    Uses ``sde.diffusion_divergence`` when supplied, otherwise exact autograd (one backward pass
+    per state dimension for diagonal noise, d² for general noise: meant for small d).
+    Zero for isotropic noise.
+    """
+    if not sde.state_dependent_noise:
+        return torch.zeros_like(x)
+    if sde.diffusion_divergence is not None:
+        out = sde.diffusion_divergence(x, t64.to(x.dtype).expand(x.shape[0]))
+        if out.shape != x.shape:
+            raise ValueError(f"diffusion_divergence must return shape {tuple(x.shape)}, got {tuple(out.shape)}")
+        return out
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        G = sde._diffusion(xr, t64)
+        B = x.shape[0]
+        out = torch.zeros(B, x[0].numel(), dtype=x.dtype, device=x.device)
+        if sde.noise == "diagonal":
+            D = (G * G).reshape(B, -1)
+            for i in range(D.shape[1]):
+                (gi,) = torch.autograd.grad(D[:, i].sum(), xr, retain_graph=True, allow_unused=True)
+                if gi is not None:
+                    out[:, i] = gi.reshape(B, -1)[:, i]
+        else:
+            D = torch.einsum("bik,bjk->bij", G, G)
+            d = D.shape[1]
+            for i in range(d):
+                for j in range(d):
+                    (gij,) = torch.autograd.grad(D[:, i, j].sum(), xr, retain_graph=True, allow_unused=True)
+                    if gij is not None:
+                        out[:, i] += gij[:, j]
+    return out.reshape(x.shape).detach()
+
+
+def _eta_fn(eta) -> Callable[[torch.Tensor], torch.Tensor]:
+    if callable(eta):
+        return lambda t64: torch.as_tensor(eta(t64), dtype=F64, device=t64.device)
+    v = check_positive(eta, "eta", allow_zero=True)
+    return lambda t64: torch.full_like(t64, v)
+
+
+class _Derived:
+    """Shared pieces of the reverse SDE and the PF ODE: validation and the corrected drift."""
+
+    def _init_common(self, sde, score, t_eps):
+        from .processes import SDE
+
+        if not isinstance(sde, SDE):
+            raise TypeError(f"sde must be a sdekit.SDE, got {type(sde).__name__}")
+        if not callable(score):
+            raise TypeError(f"score must be callable (x, t) -> tensor, got {type(score).__name__}")
+        t_eps = check_positive(t_eps, "t_eps")
+        if t_eps >= sde.T:
+            raise ValueError(f"t_eps must be < T = {sde.T}; got t_eps={t_eps}")
+        self.sde, self.score_fn, self.T, self.t_eps = sde, score, sde.T, t_eps
+        self.t_start, self.t_end, self.direction = sde.T, t_eps, -1
+
+    def _corrected_drift(self, x, t64, coef):
+        """:math:`f - coef\\,(D\\nabla\\log p + \\nabla\\cdot D)`; ``coef`` a 0-d or (B,) tensor."""
+        sde = self.sde
+        s = evaluate_score(self.score_fn, x, t64)
+        corr = sde._diffusion_matrix_action(x, t64, s)
+        if sde.state_dependent_noise:
+            corr = corr + diffusion_divergence(sde, x, t64)
+        return sde._drift(x, t64) - broadcast_to_data(coef, x) * corr
+
+    def _check_xt(self, x, t):
+        x = check_state(x, "x")
+        t64 = time_for(t, x)
+        check_time_range(t64, self.T)
+        return x, t64
+
+
+class ReverseSDE(_Derived):
+    r"""The reverse-time SDE :math:`dx = [f - \frac{1+\eta^2}{2}(D\nabla\log p + \nabla\cdot D)]dt + \eta G\,d\bar W`.
+
+    Integrated from ``t_start = T`` down to ``t_end = t_eps``. ``eta`` is a non-negative number or
+    a function of float64 t (η = 1: Anderson's reverse SDE).
+    """
+
+    kind = "sde"
+
+    def __init__(self, sde, score: Callable, eta: Union[float, Callable] = 1.0, t_eps: float = 1e-3):
+        self._init_common(sde, score, t_eps)
+        self.eta = eta
+        self._eta = _eta_fn(eta)
+        self.noise = sde.noise
+        self.state_dependent_noise = sde.state_dependent_noise
+
+    def _drift(self, x, t64):
+        eta = self._eta(t64)
+        return self._corrected_drift(x, t64, 0.5 * (1.0 + eta * eta))
+
+    def _diffusion(self, x, t64):
+        G = self.sde._diffusion(x, t64)
+        eta = self._eta(t64).to(dtype=x.dtype, device=x.device)
+        if self.noise == "general":
+            return eta.reshape(-1, 1, 1) * G if eta.dim() else eta * G
+        if self.noise == "diagonal":
+            return broadcast_to_data(eta, x) * G
+        return eta * G
+
+    def _noise_increment(self, x, t64, dW):
+        return apply_diffusion(self.noise, self._diffusion(x, t64), x, dW)
+
+    def drift(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """Reverse drift in actual time t (``dx = drift dt + ...`` with dt < 0 when integrating)."""
+        x, t64 = self._check_xt(x, t)
+        return self._drift(x, t64)
+
+    def diffusion(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """:math:`\\eta(t) G(x, t)` in the layout of the noise kind."""
+        x, t64 = self._check_xt(x, t)
+        return self._diffusion(x, t64)
+
+    def to_torchsde(self, shape: Sequence[int], t_start: Optional[float] = None) -> "TorchsdeAdapter":
+        """A torchsde-compatible module in the increasing variable :math:`s = t_{start} - t`."""
+        return TorchsdeAdapter(self, shape, self.T if t_start is None else t_start, direction=-1)
+
+    def __repr__(self):
+        return f"ReverseSDE({self.sde!r}, eta={self.eta!r}, t_eps={self.t_eps})"
+
+
+class ProbabilityFlowODE(torch.nn.Module, _Derived):
+    r"""The probability-flow ODE :math:`\frac{dx}{dt} = f - \frac12(D\nabla\log p_t + \nabla\cdot D)`.
+
+    Callable as ``ode(t, x)`` (torchdiffeq's signature) returning :math:`dx/dt` in actual time;
+    torchdiffeq integrates it from ``T`` to ``t_eps`` directly (``odeint(ode, x_T,
+    torch.tensor([ode.T, ode.t_eps]))``). If ``score`` is an ``nn.Module`` it is registered as a
+    submodule so adjoint methods see its parameters. Set ``check_inputs = False`` to skip the
+    per-call range check (solvers validate their grid once).
+    """
+
+    kind = "ode"
+
+    def __init__(self, sde, score: Callable, t_eps: float = 1e-3):
+        torch.nn.Module.__init__(self)
+        self._init_common(sde, score, t_eps)
+        if isinstance(score, torch.nn.Module):
+            self.score_module = score
+        self.check_inputs = True
+
+    def _drift(self, x, t64):
+        return self._corrected_drift(x, t64, torch.tensor(0.5, dtype=F64, device=x.device))
+
+    def forward(self, t: TimeLike, x: torch.Tensor) -> torch.Tensor:
+        """:math:`dx/dt` at ``(t, x)``."""
+        if self.check_inputs:
+            x, t64 = self._check_xt(x, t)
+        else:
+            t64 = t.to(F64) if isinstance(t, torch.Tensor) else torch.tensor(float(t), dtype=F64, device=x.device)
+        return self._drift(x, t64)
+
+    def velocity(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """Same as ``self(t, x)`` with the ``(x, t)`` argument order used elsewhere in sdekit."""
+        return self.forward(t, x)
+
+    def __repr__(self):
+        return f"ProbabilityFlowODE({self.sde!r}, t_eps={self.t_eps})"
+
+
+class TorchsdeAdapter(torch.nn.Module):
+    """Expose a problem to torchsde: flattened ``(B, D)`` states, increasing solver time.
+
+    Internal time ``s`` maps to process time ``t = t_start + direction * s``; the drift is
+    multiplied by ``direction`` (Brownian increments are symmetric, so the noise is unchanged).
+    Isotropic and diagonal noise are exposed as torchsde ``"diagonal"`` noise (independent
+    Brownian motions per dimension), general noise as ``"general"``. Itô interpretation.
+    """
+
+    sde_type = "ito"
+
+    def __init__(self, problem, shape: Sequence[int], t_start: float, direction: int):
+        super().__init__()
+        if direction not in (-1, 1):
+            raise ValueError(f"direction must be +1 or -1, got {direction!r}")
+        self.problem = problem
+        self.shape = tuple(int(s) for s in shape)
+        self.t_start = float(t_start)
+        self.direction = direction
+        self.noise_type = "general" if problem.noise == "general" else "diagonal"
+
+    def _t(self, s):
+        s64 = s.to(F64) if isinstance(s, torch.Tensor) else torch.tensor(float(s), dtype=F64)
+        return self.t_start + self.direction * s64
+
+    def f(self, s, y):
+        x = y.reshape(self.shape)
+        return (self.direction * self.problem._drift(x, self._t(s).to(y.device))).reshape(y.shape)
+
+    def g(self, s, y):
+        x = y.reshape(self.shape)
+        G = self.problem._diffusion(x, self._t(s).to(y.device))
+        if self.problem.noise == "isotropic":
+            return G.reshape(-1, 1).expand(y.shape)
+        if self.problem.noise == "diagonal":
+            return G.reshape(y.shape)
+        return G
