@@ -25,6 +25,7 @@ from .parameterization import (
     tweedie_denoise,
 )
 from . import kernels
+from .solvers import Solution, SolverError, SolverStats, solve
 
 __version__ = "0.1.0"
 
@@ -32,5 +33,5 @@ __all__ = [
     "SDE", "LinearSDE", "VPSDE", "SubVPSDE", "VESDE", "CosineVPSDE", "OrnsteinUhlenbeck",
     "NOISE_KINDS", "ReverseSDE", "ProbabilityFlowODE", "score_from_eps", "score_from_denoiser",
     "score_from_v", "eps_from_score", "denoiser_from_score", "tweedie_denoise",
-    "tweedie_covariance", "kernels",
+    "tweedie_covariance", "kernels", "solve", "Solution", "SolverStats", "SolverError",
 ]

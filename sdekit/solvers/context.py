@@ -1,0 +1,186 @@
+"""The bookkeeping every native method shares, done once so each method body is its update rule.
+
+A :class:`Context` holds the time grid (float64, both directions), the counted score/drift, the
+kernel coefficients at every time the method will visit (computed in one vectorised float64
+call and kept as Python floats, so the hot loop issues no coefficient kernels and no host
+synchronisation), the noise source (one ``torch.Generator`` or one per sample), save points and
+the non-finite check.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+
+from ..dynamics import ProbabilityFlowODE, ReverseSDE, evaluate_score
+from .stats import CountingFunction, SolverError, SolverStats
+
+__all__ = ["Context", "Coefs"]
+
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class Coefs:
+    """Kernel coefficients at one time, as Python floats."""
+
+    t: float
+    m: float
+    sigma: float
+    f: float
+    g2: float
+    lam: float
+    eta: float
+
+
+class Context:
+    """Shared state of one native solve (see module docs).
+
+    Attributes used by methods: ``ts`` (list of float times, ``n + 1`` entries), ``n`` (steps),
+    ``problem``, ``sde`` (the forward process), ``linear`` (fast coefficient path available),
+    ``options``.
+    """
+
+    def __init__(self, problem, x: torch.Tensor, grid: torch.Tensor, generator, save_idx: Dict[int, int],
+                 stats: SolverStats, check_every: int):
+        self.problem = problem
+        self.sde = problem if not hasattr(problem, "score_fn") else problem.sde
+        self.linear = bool(getattr(self.sde, "is_linear", False))
+        self.grid = grid
+        self.ts: List[float] = grid.tolist()
+        self.n = len(self.ts) - 1
+        self.B, self.dtype, self.device, self.shape = x.shape[0], x.dtype, x.device, x.shape
+        self.stats = stats
+        has_score = hasattr(problem, "score_fn")
+        self.counter = CountingFunction(problem.score_fn if has_score else problem._drift)
+        if has_score:
+            self.problem = copy.copy(problem)  # same object, counted score
+            object.__setattr__(self.problem, "score_fn", self.counter)
+        self._eta = getattr(problem, "_eta", None)
+        self._coefs: Dict[float, Coefs] = {}
+        self._tvec: Dict[float, torch.Tensor] = {}
+        self._gen = generator
+        self._save_idx = save_idx
+        self.saved: List[Optional[torch.Tensor]] = [None] * len(set(save_idx.values()))
+        self._check_every = check_every
+        self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._noise_buf: Optional[torch.Tensor] = None
+        if self.linear:
+            self.prepare(self.ts)
+
+    # -- coefficients --------------------------------------------------------------------------
+    def prepare(self, times: Iterable[float]) -> None:
+        """Compute kernel coefficients for ``times`` in one vectorised float64 call."""
+        new = [float(t) for t in times if float(t) not in self._coefs]
+        if not new or not self.linear:
+            return
+        k = self.sde.kernel
+        t = torch.tensor(new, dtype=F64)
+        with torch.no_grad():
+            m, s2, f, g2 = k.m(t), k.sigma2(t), k.f(t), k.g2(t)
+            lam = k.log_snr(t)
+            eta = self._eta(t) if self._eta is not None else torch.ones_like(t)
+            eta = torch.as_tensor(eta, dtype=F64).expand_as(t)
+        rows = torch.stack([m, s2.sqrt(), f, g2, lam, eta], 1).tolist()
+        for ti, r in zip(new, rows):
+            self._coefs[ti] = Coefs(ti, *r)
+
+    def coefs(self, t: float) -> Coefs:
+        """Coefficients at time ``t`` (computed on demand if not prepared)."""
+        c = self._coefs.get(t)
+        if c is None:
+            self.prepare([t])
+            c = self._coefs[t]
+        return c
+
+    def t_vec(self, t: float) -> torch.Tensor:
+        """A cached ``(B,)`` tensor holding ``t`` in the state's dtype (what score(x, t) receives)."""
+        v = self._tvec.get(t)
+        if v is None:
+            v = torch.full((self.B,), t, dtype=self.dtype, device=self.device)
+            self._tvec[t] = v
+        return v
+
+    # -- evaluations (counted) -----------------------------------------------------------------
+    def score(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """Counted score evaluation at the float time ``t``."""
+        s = self.counter(x, self.t_vec(t))
+        if s.shape != x.shape:
+            raise ValueError(f"score(x, t) must return a tensor shaped like x {tuple(x.shape)}, got {tuple(s.shape)}")
+        return s
+
+    def velocity(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """Probability-flow velocity dx/dt = f x - g^2/2 * score (generic path for nonlinear SDEs)."""
+        if self.linear:
+            c = self.coefs(t)
+            return c.f * x - (0.5 * c.g2) * self.score(x, t)
+        return self.problem._drift(x, torch.tensor(t, dtype=F64, device=self.device))
+
+    def drift(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """Drift of the SDE problem (forward: f x; reverse: f x - (1+eta^2)/2 g^2 score)."""
+        if self.linear:
+            c = self.coefs(t)
+            if isinstance(self.problem, ReverseSDE):
+                return c.f * x - (0.5 * (1.0 + c.eta * c.eta) * c.g2) * self.score(x, t)
+            if isinstance(self.problem, ProbabilityFlowODE):
+                return c.f * x - (0.5 * c.g2) * self.score(x, t)
+            self.counter.count += 1
+            return c.f * x
+        t64 = torch.tensor(t, dtype=F64, device=self.device)
+        if hasattr(self.problem, "score_fn"):
+            return self.problem._drift(x, t64)
+        return self.counter(x, t64)
+
+    def diffuse(self, x: torch.Tensor, t: float, dW: torch.Tensor) -> torch.Tensor:
+        """G(x, t) dW (reverse SDE: eta(t) g(t) dW)."""
+        if self.linear:
+            c = self.coefs(t)
+            eta = c.eta if isinstance(self.problem, ReverseSDE) else 1.0
+            return (eta * math.sqrt(c.g2)) * dW
+        return self.problem._noise_increment(x, torch.tensor(t, dtype=F64, device=self.device), dW)
+
+    # -- randomness ----------------------------------------------------------------------------
+    def randn(self) -> torch.Tensor:
+        """Standard normal noise shaped like the state. The returned buffer is reused by the next
+        call, so consume it before drawing again."""
+        g = self._gen
+        if isinstance(g, (list, tuple)):
+            return torch.stack([torch.randn(self.shape[1:], generator=gi, dtype=self.dtype, device=gi.device)
+                                .to(self.device) for gi in g])
+        if g is not None and g.device != self.device:
+            return torch.randn(self.shape, generator=g, dtype=self.dtype, device=g.device).to(self.device)
+        if self._noise_buf is None:
+            self._noise_buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return torch.randn(self.shape, generator=g, dtype=self.dtype, device=self.device, out=self._noise_buf)
+
+    # -- per-step bookkeeping --------------------------------------------------------------------
+    def step_done(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Call after step ``i`` produced ``x`` (the state at ``ts[i + 1]``): save and check."""
+        self.stats.steps += 1
+        self.stats.accepted += 1
+        j = self._save_idx.get(i + 1)
+        if j is not None:
+            self.saved[j] = x.detach().clone()
+        bad = ~torch.isfinite(x.sum())
+        if self._check_every == 1:
+            if bool(bad):
+                self.fail(i)
+        else:
+            self._bad_step = torch.where((self._bad_step < 0) & bad, torch.full_like(self._bad_step, i), self._bad_step)
+            if self._check_every > 1 and (i + 1) % self._check_every == 0:
+                self.finish_checks()
+        return x
+
+    def finish_checks(self) -> None:
+        """Raise if a deferred non-finite check recorded a bad step."""
+        i = int(self._bad_step)
+        if i >= 0:
+            self.fail(i)
+
+    def fail(self, i: int) -> None:
+        self.stats.nfe = self.counter.count
+        raise SolverError("the state became non-finite (NaN or inf)", step=i, t=self.ts[i + 1], stats=self.stats)

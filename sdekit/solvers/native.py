@@ -1,0 +1,284 @@
+r"""Native fixed-step methods. Each is a short loop over the grid ``ctx.ts`` (either direction).
+
+Notation for one step from ``t`` to ``s`` (``s < t`` when sampling): :math:`h = s - t`,
+:math:`m_t, \sigma_t` the kernel, and for the exact forward transition from ``s`` to ``t``,
+:math:`a = m_t/m_s`, :math:`b^2 = \sigma_t^2 - a^2\sigma_s^2` (so :math:`x_t | x_s \sim N(a x_s, b^2 I)`).
+Tweedie's estimate is :math:`\hat x_0 = (x + \sigma_t^2 \hat s)/m_t`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..dynamics import ReverseSDE
+from .context import Context
+from .registry import MethodInfo, register
+
+__all__ = ["euler", "heun", "rk4", "euler_maruyama", "stochastic_heun", "reverse_diffusion", "ancestral",
+           "pc", "ddim", "langevin", "annealed_langevin"]
+
+ALL_NOISE = ("isotropic", "diagonal", "general")
+
+
+def _transition(ctx: Context, t: float, s: float):
+    """(a, b^2) of the exact forward kernel from s to t: x_t = a x_s + b z."""
+    ct, cs = ctx.coefs(t), ctx.coefs(s)
+    a = ct.m / cs.m
+    return a, max(ct.sigma ** 2 - a * a * cs.sigma ** 2, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# ODE methods (probability-flow ODE); any direction
+# ----------------------------------------------------------------------------------------------
+
+
+def euler(ctx: Context, x: torch.Tensor) -> torch.Tensor:
+    """Explicit Euler: x <- x + h v(x, t)."""
+    ts = ctx.ts
+    for i in range(ctx.n):
+        t, s = ts[i], ts[i + 1]
+        x = ctx.step_done(i, x + (s - t) * ctx.velocity(x, t))
+    return x
+
+
+def heun(ctx: Context, x: torch.Tensor, churn: float = 0.0, churn_min: float = 0.0,
+         churn_max: float = float("inf"), churn_noise: float = 1.0) -> torch.Tensor:
+    r"""Heun's 2nd-order method (Karras et al. 2022, Alg. 2), with optional churn.
+
+    Churn (:math:`S_{churn}` etc. in EDM, in terms of :math:`\bar\sigma = \sigma/m`): when
+    :math:`\bar\sigma(t) \in [` ``churn_min``, ``churn_max`` :math:`]`, the noise level is first
+    raised to :math:`\hat{\bar\sigma} = (1+\gamma)\bar\sigma`, :math:`\gamma = \min(S_{churn}/N, \sqrt2 - 1)`,
+    by the exact forward transition from t to :math:`\hat t` (for VE this is EDM's
+    :math:`x + \sqrt{\hat\sigma^2 - \sigma^2}\,S_{noise}\,\varepsilon`).
+    """
+    ts = ctx.ts
+    t_hat = list(ts[:-1])
+    if churn > 0:
+        gamma = min(churn / ctx.n, math.sqrt(2.0) - 1.0)
+        k = ctx.sde.kernel
+        lam = torch.tensor([ctx.coefs(t).lam for t in ts[:-1]], dtype=torch.float64)
+        sbar = torch.exp(-0.5 * lam)
+        use = (sbar >= churn_min) & (sbar <= churn_max)
+        lam_T = float(k.log_snr(torch.tensor(ctx.sde.T, dtype=torch.float64)))
+        lam_hat = torch.clamp(lam - 2.0 * math.log1p(gamma), min=lam_T)
+        t_new = k.t_from_log_snr(lam_hat)
+        t_hat = [float(tn) if u else t for tn, u, t in zip(t_new.tolist(), use.tolist(), ts[:-1])]
+        ctx.prepare(t_hat)
+    for i in range(ctx.n):
+        t, s = ts[i], ts[i + 1]
+        if t_hat[i] != t:
+            a, b2 = _transition(ctx, t_hat[i], t)
+            x = a * x + (churn_noise * math.sqrt(b2)) * ctx.randn()
+            t = t_hat[i]
+        h = s - t
+        d = ctx.velocity(x, t)
+        x_e = x + h * d
+        x = ctx.step_done(i, x + (0.5 * h) * (d + ctx.velocity(x_e, s)))
+    return x
+
+
+def rk4(ctx: Context, x: torch.Tensor) -> torch.Tensor:
+    """Classical 4th-order Runge–Kutta."""
+    ts = ctx.ts
+    ctx.prepare(0.5 * (ts[i] + ts[i + 1]) for i in range(ctx.n))
+    for i in range(ctx.n):
+        t, s = ts[i], ts[i + 1]
+        h, tm = s - t, 0.5 * (ts[i] + ts[i + 1])
+        k1 = ctx.velocity(x, t)
+        k2 = ctx.velocity(x + (0.5 * h) * k1, tm)
+        k3 = ctx.velocity(x + (0.5 * h) * k2, tm)
+        k4 = ctx.velocity(x + h * k3, s)
+        x = ctx.step_done(i, x + (h / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4))
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# SDE methods (forward or reverse SDE problems)
+# ----------------------------------------------------------------------------------------------
+
+
+def euler_maruyama(ctx: Context, x: torch.Tensor) -> torch.Tensor:
+    r"""Euler–Maruyama: :math:`x \leftarrow x + h\,b(x,t) + G(x,t)\sqrt{|h|}\,z`."""
+    ts = ctx.ts
+    for i in range(ctx.n):
+        t, s = ts[i], ts[i + 1]
+        h = s - t
+        x = x + h * ctx.drift(x, t) + ctx.diffuse(x, t, math.sqrt(abs(h)) * ctx.randn())
+        x = ctx.step_done(i, x)
+    return x
+
+
+def stochastic_heun(ctx: Context, x: torch.Tensor) -> torch.Tensor:
+    r"""Stochastic Heun for additive noise (Kloeden & Platen's improved Euler):
+
+    :math:`\tilde x = x + h b(x,t) + G(t)\Delta W`,
+    :math:`x \leftarrow x + \tfrac h2 (b(x,t) + b(\tilde x, s)) + \tfrac12 (G(t) + G(s))\Delta W`.
+    """
+    ts = ctx.ts
+    for i in range(ctx.n):
+        t, s = ts[i], ts[i + 1]
+        h = s - t
+        dW = math.sqrt(abs(h)) * ctx.randn()
+        d0 = ctx.drift(x, t)
+        gt = ctx.diffuse(x, t, dW)  # additive noise: G does not depend on x
+        x_e = x + h * d0 + gt
+        x = x + (0.5 * h) * (d0 + ctx.drift(x_e, s)) + 0.5 * (gt + ctx.diffuse(x, s, dW))
+        x = ctx.step_done(i, x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Score-based samplers for linear SDEs (ReverseSDE or ProbabilityFlowODE problems)
+# ----------------------------------------------------------------------------------------------
+
+
+def reverse_diffusion(ctx: Context, x: torch.Tensor) -> torch.Tensor:
+    r"""Song et al.'s reverse-diffusion predictor with the exact one-step forward discretisation:
+    :math:`x \leftarrow (2 - a)x + b^2 \hat s + b z` (VP: :math:`a = \sqrt{1-\beta_i}, b^2 = \beta_i`;
+    VE: :math:`a = 1, b^2 = \sigma_i^2 - \sigma_{i-1}^2`)."""
+    ts = ctx.ts
+    for i in range(ctx.n):
+        t, s = ts[i], ts[i + 1]
+        a, b2 = _transition(ctx, t, s)
+        x = (2.0 - a) * x + b2 * ctx.score(x, t) + math.sqrt(b2) * ctx.randn()
+        x = ctx.step_done(i, x)
+    return x
+
+
+def ancestral(ctx: Context, x: torch.Tensor) -> torch.Tensor:
+    r"""Ancestral (DDPM) sampling from the exact posterior :math:`q(x_s | x_t, \hat x_0)`:
+    mean :math:`(x + b^2\hat s)/a` (Ho et al.'s form), variance :math:`b^2\sigma_s^2/\sigma_t^2`."""
+    ts = ctx.ts
+    for i in range(ctx.n):
+        t, s = ts[i], ts[i + 1]
+        a, b2 = _transition(ctx, t, s)
+        std = math.sqrt(b2) * ctx.coefs(s).sigma / ctx.coefs(t).sigma
+        x = (x + b2 * ctx.score(x, t)) / a + std * ctx.randn()
+        x = ctx.step_done(i, x)
+    return x
+
+
+def ddim(ctx: Context, x: torch.Tensor, eta: float = 0.0) -> torch.Tensor:
+    r"""DDIM (Song, Meng & Ermon 2021) for any linear SDE:
+    :math:`x_s = m_s\hat x_0 + \sqrt{\sigma_s^2 - c^2}\,\hat\varepsilon + c z`,
+    :math:`\hat\varepsilon = -\sigma_t\hat s`, :math:`c = \eta\,b\,\sigma_s/\sigma_t`.
+    η = 0 is deterministic (equals DPM-Solver-1), η = 1 is ancestral sampling."""
+    ts = ctx.ts
+    for i in range(ctx.n):
+        t, s = ts[i], ts[i + 1]
+        ct, cs = ctx.coefs(t), ctx.coefs(s)
+        sc = ctx.score(x, t)
+        x0 = (x + ct.sigma ** 2 * sc) / ct.m
+        eps = -ct.sigma * sc
+        if eta > 0:
+            _, b2 = _transition(ctx, t, s)
+            c = eta * math.sqrt(b2) * cs.sigma / ct.sigma
+            x = cs.m * x0 + math.sqrt(max(cs.sigma ** 2 - c * c, 0.0)) * eps + c * ctx.randn()
+        else:
+            x = cs.m * x0 + cs.sigma * eps
+        x = ctx.step_done(i, x)
+    return x
+
+
+def _snr_norm(snr_norm: str) -> bool:
+    if snr_norm not in ("batch", "per-sample"):
+        raise ValueError(f"snr_norm must be 'batch' or 'per-sample', got {snr_norm!r}")
+    return snr_norm == "per-sample"
+
+
+def _langevin_step(ctx: Context, x: torch.Tensor, t: float, snr: float, alpha: float, per_sample: bool):
+    """One Langevin corrector step with Song et al.'s signal-to-noise step-size rule."""
+    grad = ctx.score(x, t)
+    z = ctx.randn()
+    if per_sample:
+        gn = grad.flatten(1).norm(dim=1)
+        zn = z.flatten(1).norm(dim=1)
+        eps = (2.0 * alpha) * (snr * zn / gn) ** 2
+        eps = eps.reshape(-1, *([1] * (x.dim() - 1)))
+    else:  # score_sde's batch-averaged norms (couples the samples of a batch)
+        eps = (2.0 * alpha) * (snr * z.flatten(1).norm(dim=1).mean() / grad.flatten(1).norm(dim=1).mean()) ** 2
+        return x + eps * grad + (2.0 * eps).sqrt() * z
+    return x + eps * grad + torch.sqrt(2.0 * eps) * z
+
+
+def pc(ctx: Context, x: torch.Tensor, snr: float = 0.16, n_corrector: int = 1, snr_norm: str = "batch"
+       ) -> torch.Tensor:
+    r"""Predictor–corrector (Song et al. 2021): per step, ``n_corrector`` Langevin corrector steps
+    at t (step :math:`2\alpha(\mathrm{snr}\,\|z\|/\|\hat s\|)^2`, :math:`\alpha = a^2`), then the
+    reverse-diffusion predictor to s. ``snr_norm="batch"`` (default) is score_sde's rule with
+    batch-mean norms (it couples the samples of a batch); ``"per-sample"`` uses each sample's own
+    norms, so a sample never depends on its batch, but it is biased in low dimension, where
+    :math:`\|z\|` and :math:`\|\hat s\|` do not concentrate (measured: +6% std after 50
+    steps at d = 2, none visible at d = 256)."""
+    ts = ctx.ts
+    per_sample = _snr_norm(snr_norm)
+    for i in range(ctx.n):
+        t, s = ts[i], ts[i + 1]
+        a, b2 = _transition(ctx, t, s)
+        for _ in range(n_corrector):
+            x = _langevin_step(ctx, x, t, snr, a * a, per_sample)
+        x = (2.0 - a) * x + b2 * ctx.score(x, t) + math.sqrt(b2) * ctx.randn()
+        x = ctx.step_done(i, x)
+    return x
+
+
+def langevin(ctx: Context, x: torch.Tensor, step_size: float = None, snr: float = 0.16,
+             snr_norm: str = "batch") -> torch.Tensor:
+    r"""Unadjusted Langevin dynamics at the fixed noise level ``t = ts[0] = ts[-1]``:
+    :math:`x \leftarrow x + \epsilon\,\hat s(x,t) + \sqrt{2\epsilon}\,z`, ``steps`` iterations.
+    ``step_size`` ε, or (if None) Song et al.'s snr rule (see :func:`pc` for ``snr_norm``)."""
+    t = ctx.ts[0]
+    per_sample = _snr_norm(snr_norm)
+    if step_size is not None and not step_size > 0:
+        raise ValueError(f"step_size must be positive, got {step_size!r}")
+    for i in range(ctx.n):
+        if step_size is None:
+            x = _langevin_step(ctx, x, t, snr, 1.0, per_sample)
+        else:
+            x = x + step_size * ctx.score(x, t) + math.sqrt(2.0 * step_size) * ctx.randn()
+        x = ctx.step_done(i, x)
+    return x
+
+
+def annealed_langevin(ctx: Context, x: torch.Tensor, step_size: float = 2e-5, n_inner: int = 100) -> torch.Tensor:
+    r"""Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1) over the noise ladder given by the
+    grid: at each level :math:`t_i` (i = 0..N, descending noise), ``n_inner`` steps
+    :math:`x \leftarrow x + \tfrac{\alpha_i}{2}\hat s + \sqrt{\alpha_i} z` with
+    :math:`\alpha_i = \epsilon\,\sigma_i^2/\sigma_N^2` (ε = ``step_size``, σ the kernel std).
+    The score is evaluated only at the grid's noise levels."""
+    ts = ctx.ts
+    s_last = ctx.coefs(ts[-1]).sigma
+    for i, t in enumerate(ts):
+        alpha = step_size * (ctx.coefs(t).sigma / s_last) ** 2
+        for _ in range(n_inner):
+            x = x + (0.5 * alpha) * ctx.score(x, t) + math.sqrt(alpha) * ctx.randn()
+        if i < ctx.n:
+            x = ctx.step_done(i, x)
+    return x
+
+
+def _reg(name, fn, problem, noise, strong, weak, evals, stochastic, doc):
+    register(MethodInfo(name=name, problem=problem, noise=noise, strong_order=strong, weak_order=weak,
+                        evals_per_step=evals, adaptive=False, backend="native", stochastic=stochastic, fn=fn,
+                        doc=doc))
+
+
+_reg("euler", euler, "ode", (), 1.0, None, 1, False, "explicit Euler on the PF ODE")
+_reg("heun", heun, "ode", (), 2.0, None, 2, False, "Heun (EDM Alg. 2), optional churn")
+_reg("rk4", rk4, "ode", (), 4.0, None, 4, False, "classical Runge-Kutta 4")
+_reg("euler_maruyama", euler_maruyama, "sde", ALL_NOISE, 0.5, 1.0, 1, True,
+     "Euler-Maruyama (strong order 1 for additive noise)")
+_reg("stochastic_heun", stochastic_heun, "sde", ("isotropic",), 1.0, 2.0, 2, True,
+     "stochastic Heun for additive noise")
+_reg("reverse_diffusion", reverse_diffusion, "score", ("isotropic",), 0.5, 1.0, 1, True,
+     "Song et al.'s reverse-diffusion predictor")
+_reg("ancestral", ancestral, "score", ("isotropic",), 0.5, 1.0, 1, True, "DDPM ancestral sampling")
+_reg("pc", pc, "score", ("isotropic",), 0.5, 1.0, 2, True,
+     "predictor-corrector: reverse diffusion + Langevin corrector (evals/step = 1 + n_corrector)")
+_reg("ddim", ddim, "score", ("isotropic",), 1.0, 1.0, 1, False, "DDIM(eta); eta > 0 draws noise")
+_reg("langevin", langevin, "score", ("isotropic",), 0.0, None, 1, True,
+     "unadjusted Langevin at a fixed noise level (t_start == t_end)")
+_reg("annealed_langevin", annealed_langevin, "score", ("isotropic",), 0.0, None, 100, True,
+     "annealed Langevin over a noise ladder (evals/level = n_inner)")

@@ -1,0 +1,95 @@
+"""Solver results, statistics and errors; the NFE-counting wrapper.
+
+NFE counts calls of the score (or, for a process without a score, the drift) made by the solver,
+including initial-step probes and rejected steps and a final denoising step, excluding a
+backend's own argument-validation calls (see ``CONVENTIONS.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+__all__ = ["SolverStats", "Solution", "SolverError", "CountingFunction"]
+
+
+@dataclass
+class SolverStats:
+    """What a solve did.
+
+    Attributes
+    ----------
+    nfe: score (or drift) evaluations, every call counted once per batch.
+    steps: steps attempted (accepted + rejected).
+    accepted, rejected: accepted and rejected steps (rejected is 0 for fixed-step methods).
+    nfe_per_sample: per-sample evaluation counts where steps differ between samples, else None.
+    wall_time: seconds spent in the solve (after validation), measured on the host; on CUDA the
+        device is synchronised at the end so the number includes queued work.
+    backend: ``"native"``, ``"torchdiffeq"`` or ``"torchsde"``.
+    method: the method name as passed to :func:`sdekit.solve`.
+    extra: method-specific counters (e.g. corrector evaluations).
+    """
+
+    nfe: int = 0
+    steps: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    nfe_per_sample: Optional[torch.Tensor] = None
+    wall_time: float = 0.0
+    backend: str = "native"
+    method: str = ""
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> Dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("nfe", "steps", "accepted", "rejected", "wall_time", "backend", "method")}
+        d.update(self.extra)
+        return d
+
+
+@dataclass
+class Solution:
+    """Result of :func:`sdekit.solve`.
+
+    ``x`` is the final state (at ``t_end``); ``ts`` (float64) and ``xs`` (stacked along a new
+    leading dimension) hold the states at ``save_at`` when requested; ``stats`` the statistics;
+    ``status`` is ``"success"`` (failures raise :class:`SolverError`).
+    """
+
+    x: torch.Tensor
+    stats: SolverStats
+    ts: Optional[torch.Tensor] = None
+    xs: Optional[torch.Tensor] = None
+    status: str = "success"
+
+
+class SolverError(RuntimeError):
+    """A solve that could not finish: non-finite state, too many steps, a step size underflow.
+
+    Carries ``step`` (index of the failing step), ``t`` (the time reached) and ``stats`` (the
+    partial :class:`SolverStats`).
+    """
+
+    def __init__(self, message: str, *, step: Optional[int] = None, t: Optional[float] = None,
+                 stats: Optional[SolverStats] = None):
+        where = []
+        if step is not None:
+            where.append(f"step {step}")
+        if t is not None:
+            where.append(f"t = {t:.6g}")
+        super().__init__(message + (f" (at {', '.join(where)})" if where else "") +
+                         (f"; partial stats: nfe={stats.nfe}, steps={stats.steps}" if stats else ""))
+        self.step, self.t, self.stats = step, t, stats
+
+
+class CountingFunction:
+    """Wrap a callable and count its calls in ``self.count`` (a Python int: no device sync)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.count = 0
+
+    def __call__(self, *args, **kwargs):
+        self.count += 1
+        return self.fn(*args, **kwargs)
