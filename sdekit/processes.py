@@ -154,7 +154,7 @@ class SDE:
         return torch.einsum("bij,bkj,bk->bi", G, G, v)
 
     def _noise_increment(self, x: torch.Tensor, t64: torch.Tensor, dW: torch.Tensor) -> torch.Tensor:
-        """:math:`G(x,t)\,dW` with ``dW`` shaped like ``x`` (``(B, m)`` for general noise)."""
+        r""":math:`G(x,t)\,dW` with ``dW`` shaped like ``x`` (``(B, m)`` for general noise)."""
         return apply_diffusion(self.noise, self._diffusion(x, t64), x, dW)
 
     kind = "sde"
@@ -365,8 +365,9 @@ class LinearSDE(SDE):
         m, s = self._coefs(t64, x0)
         z = (x_t - m * x0) / s
         d = x0[0].numel()
-        logs = torch.log(s).expand_as(x0).flatten(1).sum(1) if s.dim() else torch.log(s) * d
-        return -0.5 * (z * z).flatten(1).sum(1) - logs - 0.5 * d * _LOG_2PI
+        B = x0.shape[0]  # reshape, not flatten(1): data may be (B,)
+        logs = torch.log(s).expand_as(x0).reshape(B, -1).sum(1) if s.dim() else torch.log(s) * d
+        return -0.5 * (z * z).reshape(B, -1).sum(1) - logs - 0.5 * d * _LOG_2PI
 
     def conditional_score(self, x_t: torch.Tensor, x0: torch.Tensor, t: TimeLike) -> torch.Tensor:
         """:math:`\\nabla_{x_t}\\log p(x_t|x_0) = -(x_t - m x_0)/\\sigma^2`."""
@@ -392,7 +393,7 @@ class LinearSDE(SDE):
         z = check_state(z, "z")
         s = self.prior_std()
         d = z[0].numel()
-        return -0.5 * (z * z).flatten(1).sum(1) / s**2 - d * math.log(s) - 0.5 * d * _LOG_2PI
+        return -0.5 * (z * z).reshape(z.shape[0], -1).sum(1) / s**2 - d * math.log(s) - 0.5 * d * _LOG_2PI
 
     # -- alternative constructors ---------------------------------------------------------------
     @classmethod
@@ -410,13 +411,16 @@ class LinearSDE(SDE):
         ker = K.UserKernel(m, sigma, T, dm=dm, dsigma=dsigma)
         t = torch.linspace(0.0, T, check_points, dtype=F64)
         mv, sv, g2 = ker.m(t), ker.sigma(t), ker.g2(t)
-        for name, v in (("m", mv), ("sigma", sv), ("g^2", g2)):
+        for name, v in (("m", mv), ("sigma", sv)):
             bad = ~torch.isfinite(v)
             if bad.any():
                 raise ValueError(f"{name}(t) is not finite at t={float(t[bad][0]):.6g}")
         if (mv <= 0).any():
             i = int(torch.nonzero(mv <= 0)[0])
             raise ValueError(f"m(t) must be positive on [0, T]; m({float(t[i]):.6g}) = {float(mv[i]):.6g}")
+        bad = ~torch.isfinite(g2)  # checked after m > 0: 1/m blows g^2 up where m vanishes
+        if bad.any():
+            raise ValueError(f"g^2(t) is not finite at t={float(t[bad][0]):.6g}")
         if abs(float(mv[0]) - 1.0) > 1e-12 or abs(float(sv[0])) > 1e-12:
             raise ValueError(f"a kernel from t = 0 needs m(0) = 1 and sigma(0) = 0; got "
                              f"m(0) = {float(mv[0]):.6g}, sigma(0) = {float(sv[0]):.6g}")

@@ -46,7 +46,7 @@ class Context:
     """
 
     def __init__(self, problem, x: torch.Tensor, grid: torch.Tensor, generator, save_idx: Dict[int, int],
-                 stats: SolverStats, check_every: int):
+                 stats: SolverStats, check_every: int, brownian=None):
         self.problem = problem
         self.sde = problem if not hasattr(problem, "score_fn") else problem.sde
         self.linear = bool(getattr(self.sde, "is_linear", False))
@@ -64,6 +64,7 @@ class Context:
         self._coefs: Dict[float, Coefs] = {}
         self._tvec: Dict[float, torch.Tensor] = {}
         self._gen = generator
+        self._brownian = brownian
         self._save_idx = save_idx
         self.saved: List[Optional[torch.Tensor]] = [None] * len(set(save_idx.values()))
         self._check_every = check_every
@@ -156,6 +157,13 @@ class Context:
         if self._noise_buf is None:
             self._noise_buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         return torch.randn(self.shape, generator=g, dtype=self.dtype, device=self.device, out=self._noise_buf)
+
+    def dW(self, t: float, s: float) -> torch.Tensor:
+        r"""Brownian increment over the step t -> s: from the shared ``brownian`` path if one was
+        given, else :math:`\sqrt{|s - t|}\,z`."""
+        if self._brownian is not None:
+            return self._brownian.increment(t, s).to(dtype=self.dtype, device=self.device)
+        return math.sqrt(abs(s - t)) * self.randn()
 
     # -- per-step bookkeeping --------------------------------------------------------------------
     def step_done(self, i: int, x: torch.Tensor) -> torch.Tensor:

@@ -105,7 +105,7 @@ def euler_maruyama(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     for i in range(ctx.n):
         t, s = ts[i], ts[i + 1]
         h = s - t
-        x = x + h * ctx.drift(x, t) + ctx.diffuse(x, t, math.sqrt(abs(h)) * ctx.randn())
+        x = x + h * ctx.drift(x, t) + ctx.diffuse(x, t, ctx.dW(t, s))
         x = ctx.step_done(i, x)
     return x
 
@@ -120,7 +120,7 @@ def stochastic_heun(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     for i in range(ctx.n):
         t, s = ts[i], ts[i + 1]
         h = s - t
-        dW = math.sqrt(abs(h)) * ctx.randn()
+        dW = ctx.dW(t, s)
         d0 = ctx.drift(x, t)
         gt = ctx.diffuse(x, t, dW)  # additive noise: G does not depend on x
         x_e = x + h * d0 + gt

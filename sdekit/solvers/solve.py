@@ -80,7 +80,7 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
           save_at: Optional[Union[Sequence[float], torch.Tensor]] = None,
           generator: Union[torch.Generator, Sequence[torch.Generator], None] = None, denoise: bool = False,
           max_steps: Optional[int] = None, min_step: Optional[float] = None, norm: str = "batch",
-          rho: float = 7.0, check_every: Optional[int] = None, **options: Any) -> Solution:
+          rho: float = 7.0, check_every: Optional[int] = None, brownian=None, **options: Any) -> Solution:
     r"""Integrate ``problem`` from ``t_start`` to ``t_end`` starting at ``x``.
 
     Parameters
@@ -91,8 +91,8 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
     x:
         Initial state, batch first, any rank, any floating dtype.
     t_start, t_end:
-        Default to the problem's own direction (forward SDE: 0 → T; reverse SDE / PF ODE:
-        T → t_eps). ``t_start > t_end`` works for every method that allows it (ODE methods go
+        Default to the ends of ``grid`` when it is a tensor, else to the problem's own direction
+        (forward SDE: 0 → T; reverse SDE / PF ODE: T → t_eps). ``t_start > t_end`` works for every method that allows it (ODE methods go
         both ways; a ReverseSDE only runs backwards, a forward SDE only forwards).
     method:
         A name from :data:`sdekit.solvers.METHODS`: native ``euler``, ``heun``, ``rk4``,
@@ -111,6 +111,9 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
     generator:
         A ``torch.Generator`` or a list of one generator per sample (a sample's noise then never
         depends on the batch it is in).
+    brownian:
+        A :class:`~sdekit.solvers.BrownianPath` driving ``euler_maruyama`` / ``stochastic_heun``
+        (the same path for every step count: strong-error studies).
     denoise:
         Finish with Tweedie's :math:`\hat x_0 = (x + \sigma^2 \hat s)/m` at ``t_end`` (counted).
     max_steps, min_step, norm:
@@ -142,8 +145,13 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
     _check_compat(info, problem, kind)
     x = check_state(x, "x")
     T = problem.T
-    t0 = problem.t_start if t_start is None else _as_float(t_start, "t_start")
-    t1 = problem.t_end if t_end is None else _as_float(t_end, "t_end")
+    grid_ends = (None, None)
+    if isinstance(grid, torch.Tensor) and grid.numel() >= 2:
+        grid_ends = (float(grid.flatten()[0]), float(grid.flatten()[-1]))
+    t0 = (grid_ends[0] if grid_ends[0] is not None else problem.t_start) if t_start is None else \
+        _as_float(t_start, "t_start")
+    t1 = (grid_ends[1] if grid_ends[1] is not None else problem.t_end) if t_end is None else \
+        _as_float(t_end, "t_end")
     for name, v in (("t_start", t0), ("t_end", t1)):
         if not (0.0 <= v <= T):
             raise ValueError(f"{name} must lie in [0, T={T}], got {v!r}")
@@ -239,7 +247,14 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
             save_idx[k] = j
     if check_every is None:
         check_every = 1 if x.device.type == "cpu" else 0
-    ctx = Context(problem, x, g, generator, save_idx, stats, int(check_every))
+    if brownian is not None:
+        from .brownian import BrownianPath
+
+        if not isinstance(brownian, BrownianPath):
+            raise TypeError(f"brownian must be a sdekit.solvers.BrownianPath, got {type(brownian).__name__}")
+        if brownian.shape != tuple(x.shape):
+            raise ValueError(f"brownian has shape {brownian.shape} but x has {tuple(x.shape)}")
+    ctx = Context(problem, x, g, generator, save_idx, stats, int(check_every), brownian=brownian)
     if 0 in save_idx:
         ctx.saved[save_idx[0]] = x.detach().clone()
     tic = time.perf_counter()
