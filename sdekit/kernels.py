@@ -346,7 +346,20 @@ class UserKernel(Kernel):
     def g2(self, t):
         dm, ds = self._derivs(t)
         s = self._s(t)
-        return 2.0 * s * ds - 2.0 * (dm / self._m(t)) * s * s
+        out = 2.0 * s * ds - 2.0 * (dm / self._m(t)) * s * s
+        bad = ~torch.isfinite(out) & (s == 0)
+        if bool(bad.any()):
+            # where sigma = 0 and sigma ~ sqrt(t - t0) (t = 0 for every VP-type kernel), sigma' is
+            # infinite and 2 sigma sigma' = 0 * inf, but (sigma^2)' is finite: take a second-order
+            # one-sided difference of sigma^2 there (the -2 f sigma^2 term vanishes with sigma).
+            tb = t[bad]
+            d = 1e-6 * self.T
+            sgn = torch.where(tb + 2 * d <= self.T, 1.0, -1.0).to(tb)
+            s2 = lambda u: self._s(u) ** 2  # noqa: E731
+            deriv = (-3.0 * s2(tb) + 4.0 * s2(tb + sgn * d) - s2(tb + 2 * sgn * d)) / (2.0 * d * sgn)
+            out = out.clone()
+            out[bad] = deriv
+        return out
 
     def log_m(self, t):
         return torch.log(self._m(t))
@@ -435,15 +448,20 @@ def _hermite(y0, y1, d0, d1, a0, a1, s, h):
 
 def _derivative(fn: CoefFn, t: torch.Tensor) -> torch.Tensor:
     """Elementwise derivative of ``fn`` at ``t``: autograd, or a one-sided-safe finite difference
-    when ``fn`` is not differentiable by autograd."""
+    when ``fn`` is not differentiable by autograd -- or where autograd gives NaN/inf although the
+    function is smooth (e.g. ``g2 = sqrt(2t)**2`` at t = 0, where autograd computes 0 * inf)."""
     try:
-        return _autograd_derivative(fn, t)
+        ad = _autograd_derivative(fn, t)
     except RuntimeError:
-        T0, T1 = float(t.min()), float(t.max())
-        d = 1e-6 * max(T1 - T0, 1e-3)
-        lo = torch.clamp(t - d, T0, T1)
-        hi = torch.clamp(t + d, T0, T1)
-        return (fn(hi) - fn(lo)) / (hi - lo)
+        ad = None
+    if ad is not None and bool(torch.isfinite(ad).all()):
+        return ad
+    T0, T1 = float(t.min()), float(t.max())
+    d = 1e-6 * max(T1 - T0, 1e-3)
+    lo = torch.clamp(t - d, T0, T1)
+    hi = torch.clamp(t + d, T0, T1)
+    fd = (fn(hi) - fn(lo)) / (hi - lo)
+    return fd if ad is None else torch.where(torch.isfinite(ad), ad, fd)
 
 
 class NumericKernel(Kernel):
@@ -482,8 +500,8 @@ class NumericKernel(Kernel):
                 break
             n *= 2
         self.n, self.h, self.interp_error = n, self.T / n, err
-        if err > tol:
-            if err > 1e-7:
+        if not err <= tol:  # written so that a NaN error counts as a failure
+            if not err <= 1e-7:
                 raise ValueError(
                     f"NumericKernel: the kernel of this f, g could not be tabulated to better than "
                     f"{err:.2e} relative error with {n} intervals; the schedule is too rough "
