@@ -1,0 +1,320 @@
+r"""The variational lower bound (ELBO) on :math:`\log p_{t_\varepsilon}(x)` for any linear SDE.
+
+For a score model :math:`s_\theta` and the linear forward process
+:math:`dx = f(t)x\,dt + g(t)\,dW` (Song, Durkan, Murray & Ermon 2021, *Maximum likelihood
+training of score-based diffusion models*, Theorem 1 in its pointwise, denoising form), the
+density :math:`p^{\theta}_{t_\varepsilon}` of the reverse-time SDE driven by :math:`s_\theta`
+and started from the prior :math:`\pi` at :math:`T` satisfies, for every point :math:`x` taken as
+the state at time :math:`s = t_\varepsilon`,
+
+.. math::
+
+    \log p^{\theta}_{s}(x) \;\ge\; \mathcal L(x) =
+      \mathbb E\big[\log\pi(x_T)\big]
+      - \tfrac12\int_s^T g(t)^2\,\mathbb E\Big[\|s_\theta(x_t,t)\|^2
+            + 2\,s_\theta(x_t,t)\cdot\tfrac{\varepsilon}{b(t)}\Big]dt
+      + d\int_s^T f(t)\,dt,
+
+with :math:`x_t = a(t)x + b(t)\varepsilon` the forward process *started at x at time s*:
+:math:`a = m(t)/m(s)`, :math:`b^2 = m(t)^2\,(e^{-\lambda(t)} - e^{-\lambda(s)})` (λ the log-SNR),
+so that :math:`\nabla\log p(x_t|x_s{=}x) = -\varepsilon/b` and the integrand is Song et al.'s
+:math:`\|s_\theta - \nabla\log p_{st}\|^2 - \|\nabla\log p_{st}\|^2` written without the
+cancelling :math:`\|\varepsilon\|^2/b^2`. :math:`\nabla\cdot(f(t)x) = d\,f(t)`. With the exact
+score and :math:`\pi = p_T` the bound is an equality (the gap is the KL divergence between the
+forward path measure given :math:`x_s = x` and the model's, which then coincide); with the
+process's own prior :math:`\pi = N(0, \sigma(T)^2 I)` its expectation is
+:math:`\log p_s(x) + \mathbb E[\log\pi(x_T) - \log p_T(x_T) \mid x_s = x]`.
+
+**What is estimated** is therefore a lower bound on :math:`\log p^\theta_{t_\varepsilon}(x)` — the
+same quantity that :func:`sdekit.likelihood.log_likelihood` integrates through the
+probability-flow ODE — not :math:`\log p_0` (that needs a decoder term for
+:math:`[0, t_\varepsilon]`; see ``docs/likelihood_data.md``).
+
+**Estimator** (derivation and variance analysis in ``docs/likelihood_data.md``): the prior term
+is exact for the Gaussian prior; :math:`d\int f = d\,(\log m(T) - \log m(s))` is exact; the
+time integral is Monte Carlo with
+
+* *importance sampling* of t with density :math:`\propto g^2/\sigma^2 = -\lambda'(t)`, i.e.
+  :math:`\lambda \sim U[\lambda(T), \lambda(s)]`, :math:`t = \lambda^{-1}(\lambda)`, weight
+  :math:`(\lambda(s) - \lambda(T))\,\sigma(t)^2/g(t)^2` (``importance="auto"``), uniform t
+  (``None``), or the defensive half-and-half mixture of the two (``"mixture"``);
+* *antithetic noise* :math:`\pm\varepsilon` (removes the :math:`O(1/b)` odd term, whose variance
+  otherwise diverges logarithmically at :math:`t \to s`);
+* a *control variate* :math:`c(t)\,g^2(\|\varepsilon\|^2 - d)/b^2` with
+  :math:`c = \rho(2-\rho)`, :math:`\rho = u/(v + u)`, :math:`u = b^2/a^2`, v = ``data_var``
+  (the optimal coefficient for Gaussian data of variance v); its mean is added back in closed form,
+  :math:`\tfrac d2\big[\log(1 + u_T/v) + u_T/(v + u_T)\big]`, so the estimate is unbiased for
+  every v > 0.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+
+from .._validation import check_positive, check_state, short
+from ..processes import LinearSDE
+
+__all__ = ["elbo", "ElboResult", "IMPORTANCE"]
+
+F64 = torch.float64
+_LOG_2PI = math.log(2.0 * math.pi)
+IMPORTANCE = ("auto", "log_snr", "uniform", "mixture", None)
+
+
+@dataclass
+class ElboResult:
+    r"""What :func:`elbo` estimated (nats, float64, shape ``(B,)``).
+
+    Attributes
+    ----------
+    log_prob:
+        The Monte-Carlo estimate of the lower bound :math:`\mathcal L(x) \le \log p^\theta_{t_\varepsilon}(x)`
+        per sample (unbiased for :math:`\mathcal L`).
+    stderr:
+        Its Monte-Carlo standard error: sample std over the ``n_t`` independent time draws
+        (each averaged over its ``n_eps`` noises) divided by :math:`\sqrt{n_t}`.
+    nfe:
+        Score evaluations per sample (``n_t * n_eps``, doubled when antithetic).
+    score_calls:
+        Calls of ``score`` (each on a batch of up to ``max_batch`` rows).
+    prior_term:
+        :math:`E[\log\pi(x_T) | x]`: exact for the Gaussian prior, a Monte-Carlo mean for a
+        user ``prior_log_prob``.
+    constant_term:
+        The exactly integrated part, the same for every sample:
+        :math:`d(\log m(T) - \log m(s))` plus the control variate's mean.
+    """
+
+    log_prob: torch.Tensor
+    stderr: torch.Tensor
+    nfe: int
+    score_calls: int
+    t_eps: float
+    n_t: int
+    n_eps: int
+    importance: str
+    antithetic: bool
+    control_variate: bool
+    prior_term: torch.Tensor
+    constant_term: float
+    wall_time: float
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+def _int_at_least(value, name: str, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
+def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n_eps: int = 1,
+         generator: Optional[torch.Generator] = None, t_eps: float = 1e-5, importance="auto",
+         antithetic: bool = True, control_variate: bool = True, data_var: float = 1.0,
+         prior_log_prob: Optional[Callable] = None, max_batch: int = 8192) -> ElboResult:
+    r"""Monte-Carlo estimate of the ELBO :math:`\mathcal L(x) \le \log p^\theta_{t_\varepsilon}(x)` (module docs).
+
+    Parameters
+    ----------
+    sde:
+        A :class:`sdekit.LinearSDE` (closed-form or numeric kernel): only its ``g``, ``m``,
+        :math:`\sigma`, log-SNR and its inverse are used.
+    score:
+        ``score(x, t) -> tensor`` shaped like ``x`` (``t`` a ``(N,)`` tensor in x's dtype).
+    x0:
+        Data, ``(B, ...)``, taken as the state at time ``t_eps``.
+    n_t:
+        Independent time draws per sample (≥ 2, for the standard error).
+    n_eps:
+        Noise draws per time draw (each used as ±ε when ``antithetic``).
+    generator:
+        ``torch.Generator`` for all randomness (same seed, same estimate).
+    t_eps:
+        The data-side end of the time integral, in ``(0, T)``.
+    importance:
+        ``"auto"`` or ``"log_snr"``: t with density :math:`\propto g^2/\sigma^2` (uniform
+        log-SNR); ``None`` or ``"uniform"``: t uniform on ``[t_eps, T]``; ``"mixture"``: each
+        draw from either with probability 1/2, weighted by the mixture density (the second moment of
+        the weighted integrand is at most twice that of either).
+    antithetic, control_variate, data_var:
+        Variance reductions (module docs); none changes the expectation. ``data_var`` is a
+        rough per-coordinate variance of the data.
+    prior_log_prob:
+        Optional ``z -> (N,)`` log density of the prior at T (default: the process's own
+        :math:`N(0, \sigma(T)^2 I)`, integrated exactly); estimated by Monte Carlo with one
+        :math:`x_T` per time draw.
+    max_batch:
+        Maximum rows per score call.
+
+    Returns
+    -------
+    :class:`ElboResult`.
+    """
+    # ---- validation (before any work) --------------------------------------------------------
+    if not isinstance(sde, LinearSDE):
+        raise TypeError(f"sde must be a sdekit.LinearSDE (the bound uses its Gaussian kernel), got "
+                        f"{type(sde).__name__}")
+    if not callable(score):
+        raise TypeError(f"score must be callable (x, t) -> tensor, got {type(score).__name__}")
+    x0 = check_state(x0, "x0")
+    n_t = _int_at_least(n_t, "n_t", 2)
+    n_eps = _int_at_least(n_eps, "n_eps", 1)
+    max_batch = _int_at_least(max_batch, "max_batch", 1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    t_eps = check_positive(t_eps, "t_eps")
+    if not t_eps < sde.T:
+        raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}); got {t_eps!r}")
+    if importance not in IMPORTANCE:
+        raise ValueError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
+    mode = {"auto": "log_snr", None: "uniform"}.get(importance, importance)
+    for name, flag in (("antithetic", antithetic), ("control_variate", control_variate)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    v = check_positive(data_var, "data_var")
+    if prior_log_prob is not None and not callable(prior_log_prob):
+        raise TypeError(f"prior_log_prob must be callable z -> (N,) or None, got {type(prior_log_prob).__name__}")
+
+    start = time.perf_counter()
+    B = x0.shape[0]
+    event = tuple(x0.shape[1:])
+    d = x0[0].numel()
+    dev = x0.device
+    y = x0.detach().to(F64).reshape(B, d)
+    ker = sde.kernel
+    T = sde.T
+    s64 = torch.tensor(t_eps, dtype=F64, device=dev)
+    T64 = torch.tensor(T, dtype=F64, device=dev)
+    lam_s = float(sde.log_snr(s64))
+    lam_T = float(sde.log_snr(T64))
+    Lam = lam_s - lam_T
+    if not (math.isfinite(Lam) and Lam > 0):
+        raise ValueError(f"log-SNR must decrease on [t_eps, T]: lambda(t_eps)={lam_s:.6g}, lambda(T)={lam_T:.6g}")
+    logm_s = float(ker.log_m(s64))
+    logm_T = float(ker.log_m(T64))
+
+    # ---- exactly integrated terms ---------------------------------------------------------------
+    # u = b^2/a^2 = e^{-lambda(t)} - e^{-lambda(s)}, written without cancellation
+    u_T = math.exp(-lam_T) * (-math.expm1(-Lam))
+    a_T2 = math.exp(2.0 * (logm_T - logm_s))
+    b_T2 = a_T2 * u_T
+    divergence = d * (logm_T - logm_s)  # int_s^T div(f x) dt = d int f = d log(m(T)/m(s))
+    cv_mean = 0.5 * d * (math.log1p(u_T / v) + u_T / (v + u_T)) if control_variate else 0.0
+    constant = divergence + cv_mean
+    if prior_log_prob is None:
+        sp2 = sde.prior_std() ** 2
+        prior_term = (-0.5 * d * (_LOG_2PI + math.log(sp2))
+                      - (a_T2 * (y * y).sum(1) + d * b_T2) / (2.0 * sp2))
+    else:
+        prior_term = None
+
+    # ---- Monte Carlo over (t, eps) ----------------------------------------------------------------
+    reps = n_eps * (2 if antithetic else 1)
+    k_chunk = max(1, min(n_t, max_batch // max(1, B * reps)))
+    gdev = generator.device if generator is not None else dev
+    Y = torch.empty(B, n_t, dtype=F64, device=dev)  # per time draw: prior draw - 1/2 * weighted integrand
+    P_draws = torch.empty(B, n_t, dtype=F64, device=dev) if prior_log_prob is not None else None
+    calls = 0
+    done = 0
+    while done < n_t:
+        k = min(k_chunk, n_t - done)
+        U = 1.0 - torch.rand(B, k, generator=generator, dtype=F64, device=gdev).to(dev)  # (0, 1]
+        if mode == "log_snr":
+            lam = lam_s - U * Lam
+            t = sde.t_from_log_snr(lam.reshape(-1)).reshape(B, k).clamp(t_eps, T)
+            weight = Lam * ker.sigma2(t)  # (1/q) * g^2 with q = g^2 / (sigma^2 Lam)
+        elif mode == "uniform":
+            t = t_eps + (T - t_eps) * U
+            lam = ker.log_snr(t)
+            weight = (T - t_eps) * ker.g2(t)
+        else:  # defensive mixture: half log-SNR-uniform, half t-uniform; q is the mixture density
+            coin = torch.rand(B, k, generator=generator, dtype=F64, device=gdev).to(dev) < 0.5
+            t_l = sde.t_from_log_snr((lam_s - U * Lam).reshape(-1)).reshape(B, k).clamp(t_eps, T)
+            t = torch.where(coin, t_l, t_eps + (T - t_eps) * U)
+            lam = torch.where(coin, lam_s - U * Lam, ker.log_snr(t))
+            g2, s2 = ker.g2(t), ker.sigma2(t)
+            q = 0.5 * g2 / (s2 * Lam) + 0.5 / (T - t_eps)
+            weight = g2 / q
+        u = torch.exp(-lam) * (-torch.expm1(-(lam_s - lam)))
+        a = torch.exp(ker.log_m(t) - logm_s)
+        b = a * torch.sqrt(u)
+        if control_variate:
+            rho = u / (v + u)
+            c_over_b2 = (2.0 - rho) / (a * a * (v + u))  # c / b^2 with c = rho (2 - rho)
+        else:
+            c_over_b2 = torch.zeros_like(u)
+        eps = torch.randn(B, k, n_eps, d, generator=generator, dtype=F64, device=gdev).to(dev)
+        ab = a[:, :, None, None]
+        bb = b[:, :, None, None]
+        mean = ab * y[:, None, None, :]
+        tt = t[:, :, None].expand(B, k, n_eps).reshape(-1)
+        if antithetic:
+            xt = torch.cat([(mean + bb * eps).reshape(-1, d), (mean - bb * eps).reshape(-1, d)])
+            tt = torch.cat([tt, tt])
+        else:
+            xt = (mean + bb * eps).reshape(-1, d)
+        sc = []
+        for i in range(0, xt.shape[0], max_batch):
+            sc.append(_call_score(score, xt[i:i + max_batch], tt[i:i + max_batch], x0.dtype, event))
+            calls += 1
+        sc = torch.cat(sc)
+        e2 = (eps * eps).sum(-1)  # (B, k, n_eps)
+        if antithetic:
+            sp, sm = sc[: sc.shape[0] // 2].reshape(B, k, n_eps, d), sc[sc.shape[0] // 2:].reshape(B, k, n_eps, d)
+            bracket = (0.5 * ((sp * sp).sum(-1) + (sm * sm).sum(-1))
+                       + ((sp - sm) * eps).sum(-1) / bb[..., 0])
+        else:
+            sp = sc.reshape(B, k, n_eps, d)
+            bracket = (sp * sp).sum(-1) + 2.0 * (sp * eps).sum(-1) / bb[..., 0]
+        bracket = bracket + c_over_b2[:, :, None] * e2
+        Z = (weight[:, :, None] * bracket).mean(-1)  # (B, k)
+        Y[:, done:done + k] = -0.5 * Z
+        if prior_log_prob is not None:
+            e_T = torch.randn(B, k, d, generator=generator, dtype=F64, device=gdev).to(dev)
+            zT = (math.sqrt(a_T2) * y[:, None, :] + math.sqrt(b_T2) * e_T).reshape(B * k, *event)
+            lp = prior_log_prob(zT.to(x0.dtype))
+            if not isinstance(lp, torch.Tensor) or lp.shape != (B * k,):
+                raise ValueError(f"prior_log_prob(z) must return a tensor of shape ({B * k},), got "
+                                 f"{getattr(lp, 'shape', type(lp).__name__)}")
+            lp = lp.to(F64).reshape(B, k)
+            if not bool(torch.isfinite(lp).all()):
+                raise ValueError("prior_log_prob returned non-finite values")
+            P_draws[:, done:done + k] = lp
+            Y[:, done:done + k] += lp
+        done += k
+
+    est = constant + Y.mean(1)
+    if prior_term is not None:
+        est = est + prior_term
+    else:
+        prior_term = P_draws.mean(1)
+    se = Y.std(1, unbiased=True) / math.sqrt(n_t)
+    if not bool(torch.isfinite(est).all() and torch.isfinite(se).all()):
+        raise ValueError(f"the ELBO estimate is not finite ({short(est)}); check the score near "
+                         f"t_eps={t_eps} and the data scale")
+    return ElboResult(
+        log_prob=est, stderr=se, nfe=n_t * reps, score_calls=calls, t_eps=t_eps, n_t=n_t, n_eps=n_eps,
+        importance=mode, antithetic=antithetic,
+        control_variate=control_variate, prior_term=prior_term, constant_term=constant,
+        wall_time=time.perf_counter() - start,
+        extra={"divergence_term": divergence, "control_variate_mean": cv_mean, "lambda_range": Lam,
+               "data_var": v})
+
+
+def _call_score(score: Callable, x64: torch.Tensor, t64: torch.Tensor, dtype: torch.dtype, event) -> torch.Tensor:
+    x = x64.to(dtype).reshape(x64.shape[0], *event)
+    s = score(x, t64.to(dtype))
+    if not isinstance(s, torch.Tensor) or s.shape != x.shape:
+        raise ValueError(f"score(x, t) must return a tensor shaped like x {tuple(x.shape)}, got "
+                         f"{getattr(s, 'shape', type(s).__name__)}")
+    s = s.detach().to(F64).reshape(x64.shape[0], -1)
+    if not bool(torch.isfinite(s).all()):
+        bad = ~torch.isfinite(s).all(1)
+        raise ValueError(f"score returned non-finite values at t = {float(t64[bad][0]):.6g} "
+                         f"({int(bad.sum())} of {bad.numel()} rows)")
+    return s
