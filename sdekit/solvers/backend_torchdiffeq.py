@@ -162,9 +162,7 @@ class _Monitor(torch.nn.Module):
             self._dev = torch.maximum(self._dev, dev)
             self._tmin = torch.minimum(self._tmin, t64.detach())
             self._tmax = torch.maximum(self._tmax, t64.detach())
-        if t.requires_grad:  # keep a time gradient path if torchdiffeq asked for one
-            return (t.to(F64) - raw) + t64
-        return t64
+        return t64  # no gradient w.r.t. time: the output times never require grad here
 
     def forward(self, t, y):
         if self.cached_f0 is not None:
@@ -575,9 +573,14 @@ def odeint_counted(func: Callable, y0: State, t_start: float, t_end: float, *, m
             if adaptive:
                 adj_first = torch.tensor(float(opts["first_step"]), dtype=F64)
                 adj_opts["first_step"] = adj_first  # refilled below with the forward pass's last proposal
-                adj_opts["step_t"] = torch.tensor([t_start], dtype=F64, device=dev)
+                # The backward odeint receives times in the forward pass's *internal* variable
+                # (torchdiffeq negates time for a decreasing forward solve), so does step_t.
+                adj_opts["step_t"] = torch.tensor([t_start if t_end > t_start else -t_start], dtype=F64,
+                                                  device=dev)
                 if norm == "seminorm":
                     adj_opts["norm"] = "seminorm"
+            if grid is not None:  # the backward pass steps on the same grid (internal time, see above)
+                adj_opts["grid_constructor"] = _grid_between(grid if t_end > t_start else -grid)
             sol = torchdiffeq.odeint_adjoint(mon, y0, t_out, adjoint_params=adjoint_params,
                                              adjoint_options=adj_opts, **kwargs)
         else:

@@ -50,7 +50,7 @@ def _check_compat(info: MethodInfo, problem, kind: str) -> None:
                              f"(it uses the kernel m, sigma and the score); got {problem!r}")
     if kind == "sde" and info.problem == "sde" and problem.noise not in info.noise:
         raise ValueError(f"method {info.name!r} supports noise kinds {info.noise}; the problem has noise "
-                         f"{problem.noise!r}")
+                         f"{problem.noise!r}" + (f" ({info.doc})" if info.backend != "native" and info.doc else ""))
 
 
 def _as_float(v, name) -> float:
@@ -187,11 +187,33 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
             raise ValueError(f"save_at must hold times within [{lo}, {hi}], got {short(save_t)}")
 
     if info.adaptive:
+        if brownian is not None:
+            raise ValueError(f"brownian= drives the native fixed-step SDE methods; {info.name!r} does not use it"
+                             + (" (torchsde methods take bm=, a torchsde Brownian motion)"
+                                if info.backend == "torchsde" else ""))
+        # torchsde methods are registered here too: fixed step dt (or steps) unless options adaptive=True
+        sde_backend = info.backend == "torchsde"
+        need_tol = not sde_backend or options.get("adaptive", False) is True
         for name, v in (("rtol", rtol), ("atol", atol)):
             if v is None:
-                raise ValueError(f"adaptive method {info.name!r} needs an explicit {name} (no library default is used)")
-            check_positive(v, name)
-        if steps is not None or dt is not None:
+                if need_tol:
+                    raise ValueError(f"adaptive method {info.name!r} needs an explicit {name} (no library default "
+                                     f"is used)")
+            else:
+                if not need_tol:
+                    raise ValueError(f"{name} applies to {info.name!r} only with adaptive=True (fixed step dt)")
+                check_positive(v, name)
+        if sde_backend:
+            if steps is not None and dt is not None:
+                raise ValueError("pass steps or dt, not both")
+            if steps is not None:
+                if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                    raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+                dt = abs(t1 - t0) / steps
+            elif dt is not None:
+                dt = check_positive(dt, "dt")
+            options["dt"] = dt
+        elif steps is not None or dt is not None:
             raise ValueError(f"adaptive method {info.name!r} chooses its own steps; do not pass steps or dt")
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
             raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
@@ -202,7 +224,8 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
         else:
             from .backend_torchsde import run_torchsde as run
         tic = time.perf_counter()
-        sol = run(problem, x, t0, t1, info=info, rtol=float(rtol), atol=float(atol), save_at=save_t,
+        sol = run(problem, x, t0, t1, info=info, rtol=None if rtol is None else float(rtol),
+                  atol=None if atol is None else float(atol), save_at=save_t,
                   generator=generator, max_steps=max_steps, min_step=min_step, norm=norm, stats=stats,
                   **options)
         return _finish(problem, sol, denoise, t1, stats, tic)
