@@ -5,7 +5,7 @@ r"""``python -m sdekit demo``: a tour of sdekit on a custom SDE that has no clos
 2. Push a 2-D, 3-mode Gaussian mixture through it (exact marginals) and check that the exact
    marginal density solves the Fokker–Planck equation (residual at round-off level).
 3. Sample the mixture back with the reverse SDE (plain Euler–Maruyama loop) and the
-   probability-flow ODE (torchdiffeq, fixed-step rk4), both driven by the exact score, and
+   probability-flow ODE (adaptive dopri5 through sdekit.solve), both driven by the exact score, and
    compare the samples' mean and covariance with the exact ones.
 
 Runs in a few seconds on a CPU.
@@ -56,7 +56,7 @@ def _moments(x: torch.Tensor):
     return mean, xc.T @ xc / (x.shape[0] - 1)
 
 
-def run_demo(seed: int = 0, n_samples: int = 4000, sde_steps: int = 500, ode_steps: int = 100,
+def run_demo(seed: int = 0, n_samples: int = 4000, sde_steps: int = 500,
              out=print) -> Dict[str, float]:
     """Run the demo, printing through ``out``; returns the headline numbers.
 
@@ -66,13 +66,13 @@ def run_demo(seed: int = 0, n_samples: int = 4000, sde_steps: int = 500, ode_ste
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(seed, n_samples, sde_steps, ode_steps, out)
+        return _run(seed, n_samples, sde_steps, out)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(seed, n_samples, sde_steps, ode_steps, out):
-    import torchdiffeq
+def _run(seed, n_samples, sde_steps, out):
+    from .solvers import solve
 
     import sdekit
     from sdekit.fokker_planck import fokker_planck_residual
@@ -135,26 +135,19 @@ def _run(seed, n_samples, sde_steps, ode_steps, out):
     out("3. Sampling p_{t_eps} (t_eps = %g) from %d exact samples of p_T with the exact score." % (t_eps, n_samples))
     out("   exact       mean %s   cov %s" % (_fmt_vec(mean_ref), _fmt_cov(cov_ref)))
 
-    # reverse SDE, eta = 1: a plain Euler-Maruyama loop, t from T down to t_eps
+    # reverse SDE, eta = 1: Euler-Maruyama from T down to t_eps
     rev = sde.reverse(score, eta=1.0, t_eps=t_eps)
-    ts = torch.linspace(T_END, t_eps, sde_steps + 1, dtype=F64)
-    x = x_T.clone()
-    for k in range(sde_steps):
-        t, dt = float(ts[k]), float(ts[k + 1] - ts[k])  # dt < 0
-        z = torch.randn(x.shape, generator=gen, dtype=x.dtype)
-        x = x + rev.drift(x, t) * dt + rev.diffusion(x, t)[:, None] * math.sqrt(-dt) * z
-    mean_sde, cov_sde = _moments(x)
-    out("   reverse SDE mean %s   cov %s   (Euler-Maruyama, %d steps)"
-        % (_fmt_vec(mean_sde), _fmt_cov(cov_sde), sde_steps))
+    sol = solve(rev, x_T, method="euler_maruyama", steps=sde_steps, generator=gen)
+    mean_sde, cov_sde = _moments(sol.x)
+    out("   reverse SDE mean %s   cov %s   (euler_maruyama, %d steps, nfe %d)"
+        % (_fmt_vec(mean_sde), _fmt_cov(cov_sde), sde_steps, sol.stats.nfe))
 
-    # probability-flow ODE with torchdiffeq (fixed-step rk4)
+    # probability-flow ODE, adaptive dopri5 through the torchdiffeq backend
     pf = sde.probability_flow(score, t_eps=t_eps)
-    step = (T_END - t_eps) / ode_steps
-    x_ode = torchdiffeq.odeint(pf, x_T, torch.tensor([T_END, t_eps], dtype=F64), method="rk4",
-                               options=dict(step_size=step))[-1]
-    mean_ode, cov_ode = _moments(x_ode)
-    out("   PF ODE      mean %s   cov %s   (torchdiffeq rk4, %d steps)"
-        % (_fmt_vec(mean_ode), _fmt_cov(cov_ode), ode_steps))
+    sol = solve(pf, x_T, method="torchdiffeq:dopri5", rtol=1e-6, atol=1e-6)
+    mean_ode, cov_ode = _moments(sol.x)
+    out("   PF ODE      mean %s   cov %s   (torchdiffeq:dopri5, rtol=atol=1e-6, nfe %d)"
+        % (_fmt_vec(mean_ode), _fmt_cov(cov_ode), sol.stats.nfe))
     err_sde = max(float((mean_sde - mean_ref).abs().max()), float((cov_sde - cov_ref).abs().max()))
     err_ode = max(float((mean_ode - mean_ref).abs().max()), float((cov_ode - cov_ref).abs().max()))
     v = float(cov_ref.diagonal().max())

@@ -38,7 +38,7 @@ def test_demo_runs_and_reports():
     # 3. both samplers report mean and covariance next to the exact ones
     for label in ("exact       mean", "reverse SDE mean", "PF ODE      mean"):
         assert label in out
-    assert "Euler-Maruyama, 500 steps" in out and "torchdiffeq rk4" in out
+    assert "euler_maruyama, 500 steps" in out and "torchdiffeq:dopri5" in out
     assert number(r"max \|moment error\|: reverse SDE (\S+),", out) < 0.25
     assert number(r"max \|moment error\|: reverse SDE \S+, PF ODE (\S+) ", out) < 0.25
     assert number(r"done in (\S+) s", out) < 10.0
@@ -50,7 +50,7 @@ def test_demo_seed_reproducible():
 
     def lines(seed):
         buf = []
-        run_demo(seed=seed, n_samples=300, sde_steps=40, ode_steps=20, out=buf.append)
+        run_demo(seed=seed, n_samples=300, sde_steps=40, out=buf.append)
         return [x for x in buf if not x.startswith("done in")]
 
     a, b = lines(5), lines(5)
