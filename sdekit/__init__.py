@@ -25,6 +25,9 @@ from .parameterization import (
     tweedie_denoise,
 )
 from . import kernels
+from . import oracles
+from .oracles import GaussianMixture
+from .fokker_planck import fokker_planck_residual
 from .solvers import Solution, SolverError, SolverStats, solve
 
 __version__ = "0.1.0"
@@ -34,4 +37,5 @@ __all__ = [
     "NOISE_KINDS", "ReverseSDE", "ProbabilityFlowODE", "score_from_eps", "score_from_denoiser",
     "score_from_v", "eps_from_score", "denoiser_from_score", "tweedie_denoise",
     "tweedie_covariance", "kernels", "solve", "Solution", "SolverStats", "SolverError",
+    "oracles", "GaussianMixture", "fokker_planck_residual",
 ]
