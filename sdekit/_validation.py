@@ -68,6 +68,7 @@ def check_time_range(t64: torch.Tensor, T: float, name: str = "t", lower: float 
     A relative slack of 1e-12 absorbs round-off in computed grids.
     """
     slack = 1e-12 * max(1.0, abs(T))
+    t64 = t64.detach()
     lo, hi = float(t64.min()), float(t64.max())
     if lo < lower - slack or hi > T + slack:
         raise ValueError(f"{name} must lie in [{lower}, {T}] (the process's time interval); got {short(t64)}")
