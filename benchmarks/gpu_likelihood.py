@@ -214,6 +214,7 @@ def main(argv=None):
                "mean_dbpd_vs_plain": float((bpd - base_bpd).mean()),
                "net_fwd_vjp_ms": 1e3 * cost, "net_share": min(1.0, cost * nfe / wall)}
         results["variants"][name] = row
+        _write(args.out, results)  # after every variant: a run cut short keeps what it measured
         print(f"{name}: {wall:.3f} s/batch, {row['samples_per_s']:.1f} samples/s, nfe {nfe}, "
               f"{row['ms_per_nfe']:.2f} ms/nfe, bpd {row['bpd_mean']:.4f}, max|dbpd| {row['max_abs_dbpd_vs_plain']:.2e}, "
               f"net fwd+vjp {row['net_fwd_vjp_ms']:.2f} ms ({100 * row['net_share']:.0f}% of wall)", flush=True)
@@ -232,8 +233,12 @@ def main(argv=None):
     table = "\n".join(lines)
     print(table)
     results["table"] = table
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
+    _write(args.out, results)
+
+
+def _write(path, results):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
         json.dump(results, fh, indent=2)
 
 
