@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .processes import apply_diffusion
+from .processes import PublicCoefficients, apply_diffusion
 from ._validation import TimeLike, as_time, broadcast_to_data, check_positive, check_state, check_time_range, time_for
 
 __all__ = [
@@ -122,7 +122,7 @@ class _Derived:
         return x, t64
 
 
-class ReverseSDE(_Derived):
+class ReverseSDE(PublicCoefficients, _Derived):
     r"""The reverse-time SDE :math:`dx = [f - \frac{1+\eta^2}{2}(D\nabla\log p + \nabla\cdot D)]dt + \eta G\,d\bar W`.
 
     Integrated from ``t_start = T`` down to ``t_end = t_eps``. ``eta`` is a non-negative number or
@@ -153,16 +153,6 @@ class ReverseSDE(_Derived):
 
     def _noise_increment(self, x, t64, dW):
         return apply_diffusion(self.noise, self._diffusion(x, t64), x, dW)
-
-    def drift(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """Reverse drift in actual time t (``dx = drift dt + ...`` with dt < 0 when integrating)."""
-        x, t64 = self._check_xt(x, t)
-        return self._drift(x, t64)
-
-    def diffusion(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """:math:`\\eta(t) G(x, t)` in the layout of the noise kind."""
-        x, t64 = self._check_xt(x, t)
-        return self._diffusion(x, t64)
 
     def to_torchsde(self, shape: Sequence[int], t_start: Optional[float] = None) -> "TorchsdeAdapter":
         """A torchsde-compatible module in the increasing variable :math:`s = t_{start} - t`."""

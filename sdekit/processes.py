@@ -76,7 +76,23 @@ def _batch_time(t64: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t64.to(dtype=x.dtype, device=x.device).expand(x.shape[0])
 
 
-class SDE:
+class PublicCoefficients:
+    """Validated public ``drift(x, t)`` / ``diffusion(x, t)`` over the unvalidated ``_drift`` /
+    ``_diffusion`` that solvers call (shared by forward and reverse-time processes)."""
+
+    def drift(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """Drift at ``(x, t)``, shaped like ``x`` (in actual time: integrating towards smaller t
+        uses ``dx = drift * dt`` with dt < 0)."""
+        x, t64 = self._check_xt(x, t)
+        return self._drift(x, t64)
+
+    def diffusion(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """Diffusion coefficient at ``(x, t)`` in the layout of the noise kind (module docs)."""
+        x, t64 = self._check_xt(x, t)
+        return self._diffusion(x, t64)
+
+
+class SDE(PublicCoefficients):
     r"""A general Itô SDE :math:`dx = f(x,t)\,dt + G(x,t)\,dW` on :math:`t \in [0, T]`.
 
     Parameters
@@ -183,15 +199,6 @@ class SDE:
         check_time_range(t64, self.T)
         return x, t64
 
-    def drift(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """Drift :math:`f(x, t)`, shaped like ``x``."""
-        x, t64 = self._check_xt(x, t)
-        return self._drift(x, t64)
-
-    def diffusion(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """Diffusion coefficient in the layout of the declared noise kind (see class docs)."""
-        x, t64 = self._check_xt(x, t)
-        return self._diffusion(x, t64)
 
     @property
     def state_dependent_noise(self) -> bool:
@@ -455,35 +462,34 @@ class LinearSDE(SDE):
         return f"{type(self).__name__}(T={self.T}, kernel={self.kernel!r})"
 
 
-class VPSDE(LinearSDE):
+class _BetaScheduleSDE(LinearSDE):
+    """Shared constructor of the linear-beta processes (VP, sub-VP): validates the schedule."""
+
+    _kernel_cls = None
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0):
+        b0 = check_positive(beta_min, "beta_min")
+        b1 = check_positive(beta_max, "beta_max")
+        if b1 < b0:
+            raise ValueError(f"beta_max must be >= beta_min; got beta_min={beta_min}, beta_max={beta_max}")
+        self.beta_min, self.beta_max = b0, b1
+        super().__init__(T=T, kernel=self._kernel_cls(b0, b1, _check_T(T)))
+
+    def __repr__(self):
+        return f"{type(self).__name__}(beta_min={self.beta_min}, beta_max={self.beta_max}, T={self.T})"
+
+
+class VPSDE(_BetaScheduleSDE):
     r"""Variance-preserving SDE: :math:`dx = -\frac12\beta(t)x\,dt + \sqrt{\beta(t)}\,dW`,
     :math:`\beta(t) = \beta_{min} + t(\beta_{max} - \beta_{min})`."""
 
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0):
-        b0 = check_positive(beta_min, "beta_min")
-        b1 = check_positive(beta_max, "beta_max")
-        if b1 < b0:
-            raise ValueError(f"beta_max must be >= beta_min; got beta_min={beta_min}, beta_max={beta_max}")
-        self.beta_min, self.beta_max = b0, b1
-        super().__init__(T=T, kernel=K.VPKernel(b0, b1, _check_T(T)))
-
-    def __repr__(self):
-        return f"VPSDE(beta_min={self.beta_min}, beta_max={self.beta_max}, T={self.T})"
+    _kernel_cls = K.VPKernel
 
 
-class SubVPSDE(LinearSDE):
+class SubVPSDE(_BetaScheduleSDE):
     r"""Sub-VP SDE: :math:`dx = -\frac12\beta x\,dt + \sqrt{\beta(1 - e^{-2\int_0^t\beta})}\,dW`."""
 
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0):
-        b0 = check_positive(beta_min, "beta_min")
-        b1 = check_positive(beta_max, "beta_max")
-        if b1 < b0:
-            raise ValueError(f"beta_max must be >= beta_min; got beta_min={beta_min}, beta_max={beta_max}")
-        self.beta_min, self.beta_max = b0, b1
-        super().__init__(T=T, kernel=K.SubVPKernel(b0, b1, _check_T(T)))
-
-    def __repr__(self):
-        return f"SubVPSDE(beta_min={self.beta_min}, beta_max={self.beta_max}, T={self.T})"
+    _kernel_cls = K.SubVPKernel
 
 
 class VESDE(LinearSDE):
