@@ -33,7 +33,8 @@ def rel(a, b):
     """max |a/b - 1| over entries (numpy or torch)."""
     a = np.asarray(a.detach() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
     b = np.asarray(b.detach() if isinstance(b, torch.Tensor) else b, dtype=np.float64)
-    return float(np.max(np.abs(a / b - 1.0)))
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 (e.g. VE's m' = 0) -> nan -> not <= tol
+        return float(np.max(np.abs(a / b - 1.0)))
 
 
 # ---------------------------------------------------------------------------------------------
