@@ -135,6 +135,13 @@ class ReverseSDE(PublicCoefficients, _Derived):
         self._init_common(sde, score, t_eps)
         self.eta = eta
         self._eta = _eta_fn(eta)
+        if callable(eta):  # probe the schedule once on [t_eps, T]: a negative eta is a user error
+            probe = torch.linspace(self.t_eps, self.T, 65, dtype=F64)
+            vals = self._eta(probe).expand_as(probe)
+            bad = ~(torch.isfinite(vals) & (vals >= 0))
+            if bad.any():
+                i = int(torch.nonzero(bad)[0])
+                raise ValueError(f"eta(t) must be finite and >= 0; eta({float(probe[i]):.6g}) = {float(vals[i])!r}")
         self.noise = sde.noise
         self.state_dependent_noise = sde.state_dependent_noise
 

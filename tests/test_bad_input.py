@@ -315,3 +315,11 @@ def test_parameterisation_needs_linear_sde():
     sde = sdekit.SDE(lambda x, t: x, lambda x, t: 1.0)
     with pytest.raises(TypeError, match=r"\bsde must be a linear SDE.*got SDE"):
         sdekit.score_from_eps(lambda x, t: x, sde)
+
+
+def test_negative_eta_schedule_is_rejected():
+    vp = sdekit.VPSDE()
+    with pytest.raises(ValueError, match="eta"):
+        vp.reverse(lambda x, t: -x, eta=lambda t: 1.0 - 2.0 * t)  # negative for t > 0.5
+    rev = vp.reverse(lambda x, t: -x, eta=lambda t: torch.ones_like(t))
+    assert rev.eta is not None

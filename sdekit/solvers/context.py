@@ -86,6 +86,8 @@ class Context:
             lam = k.log_snr(t)
             eta = self._eta(t) if self._eta is not None else torch.ones_like(t)
             eta = torch.as_tensor(eta, dtype=F64).expand_as(t)
+            if not bool((torch.isfinite(eta) & (eta >= 0)).all()):
+                raise ValueError(f"eta(t) must be finite and >= 0 at every solver time; got {eta.tolist()[:8]}")
         rows = torch.stack([m, s2.sqrt(), f, g2, lam, eta], 1).tolist()
         for ti, r in zip(new, rows):
             self._coefs[ti] = Coefs(ti, *r)
