@@ -61,6 +61,9 @@ class Context:
             self.problem = copy.copy(problem)  # same object, counted score
             object.__setattr__(self.problem, "score_fn", self.counter)
         self._eta = getattr(problem, "_eta", None)
+        # which drift the linear fast path computes, decided once (not per call)
+        self._mode = ("reverse" if isinstance(problem, ReverseSDE) else
+                      "pf" if isinstance(problem, ProbabilityFlowODE) else "forward")
         self._coefs: Dict[float, Coefs] = {}
         self._tvec: Dict[float, torch.Tensor] = {}
         self._gen = generator
@@ -111,7 +114,7 @@ class Context:
     # -- evaluations (counted) -----------------------------------------------------------------
     def score(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """Counted score evaluation at the float time ``t``."""
-        s = self.counter(x, self.t_vec(t))
+        s = self.counter(x, self._tvec.get(t) if t in self._tvec else self.t_vec(t))
         if s.shape != x.shape:
             raise ValueError(f"score(x, t) must return a tensor shaped like x {tuple(x.shape)}, got {tuple(s.shape)}")
         return s
@@ -119,18 +122,18 @@ class Context:
     def velocity(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """Probability-flow velocity dx/dt = f x - g^2/2 * score (generic path for nonlinear SDEs)."""
         if self.linear:
-            c = self.coefs(t)
-            return c.f * x - (0.5 * c.g2) * self.score(x, t)
+            c = self._coefs.get(t) or self.coefs(t)
+            return torch.add(c.f * x, self.score(x, t), alpha=-0.5 * c.g2)  # one fused pass
         return self.problem._drift(x, torch.tensor(t, dtype=F64, device=self.device))
 
     def drift(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """Drift of the SDE problem (forward: f x; reverse: f x - (1+eta^2)/2 g^2 score)."""
         if self.linear:
-            c = self.coefs(t)
-            if isinstance(self.problem, ReverseSDE):
-                return c.f * x - (0.5 * (1.0 + c.eta * c.eta) * c.g2) * self.score(x, t)
-            if isinstance(self.problem, ProbabilityFlowODE):
-                return c.f * x - (0.5 * c.g2) * self.score(x, t)
+            c = self._coefs.get(t) or self.coefs(t)
+            if self._mode == "reverse":
+                return torch.add(c.f * x, self.score(x, t), alpha=-0.5 * (1.0 + c.eta * c.eta) * c.g2)
+            if self._mode == "pf":
+                return torch.add(c.f * x, self.score(x, t), alpha=-0.5 * c.g2)
             self.counter.count += 1
             return c.f * x
         t64 = torch.tensor(t, dtype=F64, device=self.device)
@@ -142,7 +145,7 @@ class Context:
         """G(x, t) dW (reverse SDE: eta(t) g(t) dW)."""
         if self.linear:
             c = self.coefs(t)
-            eta = c.eta if isinstance(self.problem, ReverseSDE) else 1.0
+            eta = c.eta if self._mode == "reverse" else 1.0
             return (eta * math.sqrt(c.g2)) * dW
         return self.problem._noise_increment(x, torch.tensor(t, dtype=F64, device=self.device), dW)
 
@@ -160,6 +163,15 @@ class Context:
             self._noise_buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         return torch.randn(self.shape, generator=g, dtype=self.dtype, device=self.device, out=self._noise_buf)
 
+    def add_noise(self, x: torch.Tensor, t: float, s: float) -> torch.Tensor:
+        """``x + G(x, t) (W(s) - W(t))``. For a linear SDE this is one fused in-place pass on
+        ``x`` (callers pass the state buffer they own, never the user's input)."""
+        if self.linear and self._brownian is None:
+            c = self._coefs.get(t) or self.coefs(t)
+            eta = c.eta if self._mode == "reverse" else 1.0
+            return x.add_(self.randn(), alpha=eta * math.sqrt(c.g2 * abs(s - t)))
+        return x + self.diffuse(x, t, self.dW(t, s))
+
     def dW(self, t: float, s: float) -> torch.Tensor:
         r"""Brownian increment over the step t -> s: from the shared ``brownian`` path if one was
         given, else :math:`\sqrt{|s - t|}\,z`."""
@@ -175,11 +187,11 @@ class Context:
         j = self._save_idx.get(i + 1)
         if j is not None:
             self.saved[j] = x.detach().clone()
-        bad = ~torch.isfinite(x.sum())
-        if self._check_every == 1:
-            if bool(bad):
+        if self._check_every == 1:  # CPU: one reduction and a (free) host read per step
+            if not math.isfinite(float(x.sum())):
                 self.fail(i)
         else:
+            bad = ~torch.isfinite(x.sum())
             self._bad_step = torch.where((self._bad_step < 0) & bad, torch.full_like(self._bad_step, i), self._bad_step)
             if self._check_every > 1 and (i + 1) % self._check_every == 0:
                 self.finish_checks()

@@ -37,9 +37,10 @@ def _transition(ctx: Context, t: float, s: float):
 def euler(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     """Explicit Euler: x <- x + h v(x, t)."""
     ts = ctx.ts
+    x = x.clone()  # the state buffer we own and update in place
     for i in range(ctx.n):
         t, s = ts[i], ts[i + 1]
-        x = ctx.step_done(i, x + (s - t) * ctx.velocity(x, t))
+        x = ctx.step_done(i, x.add_(ctx.velocity(x, t), alpha=s - t))
     return x
 
 
@@ -54,6 +55,7 @@ def heun(ctx: Context, x: torch.Tensor, churn: float = 0.0, churn_min: float = 0
     :math:`x + \sqrt{\hat\sigma^2 - \sigma^2}\,S_{noise}\,\varepsilon`).
     """
     ts = ctx.ts
+    x = x.clone()  # the state buffer we own and update in place
     t_hat = list(ts[:-1])
     if churn > 0:
         gamma = min(churn / ctx.n, math.sqrt(2.0) - 1.0)
@@ -74,8 +76,8 @@ def heun(ctx: Context, x: torch.Tensor, churn: float = 0.0, churn_min: float = 0
             t = t_hat[i]
         h = s - t
         d = ctx.velocity(x, t)
-        x_e = x + h * d
-        x = ctx.step_done(i, x + (0.5 * h) * (d + ctx.velocity(x_e, s)))
+        x_e = torch.add(x, d, alpha=h)
+        x = ctx.step_done(i, x.add_(d.add_(ctx.velocity(x_e, s)), alpha=0.5 * h))
     return x
 
 
@@ -102,11 +104,11 @@ def rk4(ctx: Context, x: torch.Tensor) -> torch.Tensor:
 def euler_maruyama(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     r"""Euler–Maruyama: :math:`x \leftarrow x + h\,b(x,t) + G(x,t)\sqrt{|h|}\,z`."""
     ts = ctx.ts
+    x = x.clone()  # the state buffer we own and update in place
     for i in range(ctx.n):
         t, s = ts[i], ts[i + 1]
-        h = s - t
-        x = x + h * ctx.drift(x, t) + ctx.diffuse(x, t, ctx.dW(t, s))
-        x = ctx.step_done(i, x)
+        x = x.add_(ctx.drift(x, t), alpha=s - t)  # x + h b(x, t)
+        x = ctx.step_done(i, ctx.add_noise(x, t, s))  # + G(x, t) dW
     return x
 
 
