@@ -134,12 +134,10 @@ class _Monitor(torch.nn.Module):
         self.step_callback = step_callback
         self.phase = "forward"
         self.counts = {"forward": _Counts(), "adjoint": _Counts()}
-        self.cached_f0: Optional[Tuple[float, State, State]] = None
         self._slack = 1e-6 * max(1.0, abs(lo), abs(hi))
-        self._tmin: Optional[torch.Tensor] = None
-        self._tmax: Optional[torch.Tensor] = None
-        self._dev: Optional[torch.Tensor] = None
-        self.last_proposal: Optional[float] = None
+        # mutable per-call bookkeeping lives in a plain slotted object: writing attributes of an
+        # nn.Module goes through Module.__setattr__, measurably slow at one call per evaluation
+        self.track = _Track()
         self.callback_step = self._on_step
         if adaptive:
             self.callback_accept_step = self._on_accept
@@ -152,22 +150,23 @@ class _Monitor(torch.nn.Module):
 
     # -- evaluation --------------------------------------------------------------------------------
     def clamp_time(self, t) -> torch.Tensor:
-        t = torch.as_tensor(t)
-        raw = t.detach().to(F64)
-        t64 = raw.clamp(self.lo, self.hi)
-        dev = (raw - t64).abs()
-        if self._dev is None:
-            self._dev, self._tmin, self._tmax = dev, t64.detach().clone(), t64.detach().clone()
-        else:
-            self._dev = torch.maximum(self._dev, dev)
-            self._tmin = torch.minimum(self._tmin, t64.detach())
-            self._tmax = torch.maximum(self._tmax, t64.detach())
-        return t64  # no gradient w.r.t. time: the output times never require grad here
+        """``t`` as a float64 0-d tensor clamped into ``[lo, hi]``; tracks the range seen and the
+        largest clamp correction (Python floats: one host read of ``t``, no extra kernels)."""
+        tf = float(t)
+        tc = min(max(tf, self.lo), self.hi)
+        tr = self.track
+        tr.dev = max(tr.dev, abs(tf - tc))
+        tr.tmin = min(tr.tmin, tc)
+        tr.tmax = max(tr.tmax, tc)
+        if tc == tf and isinstance(t, torch.Tensor):
+            return t.detach().to(F64)  # no gradient w.r.t. time: the output times never require grad
+        dev = t.device if isinstance(t, torch.Tensor) else None
+        return torch.tensor(tc, dtype=F64, device=dev)
 
     def forward(self, t, y):
-        if self.cached_f0 is not None:
-            t_c, y_c, f_c = self.cached_f0
-            self.cached_f0 = None
+        if self.track.cached_f0 is not None:
+            t_c, y_c, f_c = self.track.cached_f0
+            self.track.cached_f0 = None
             if abs(float(t) - t_c) <= self._slack and _same_state(y, y_c):
                 return f_c  # torchdiffeq's first call repeats the heuristic's f(t0, y0): counted once
         self.counts[self.phase].nfe += 1
@@ -193,7 +192,7 @@ class _Monitor(torch.nn.Module):
                               f"the error estimate was not finite; the vector field or state is probably NaN/inf",
                               step=c.attempts, t=float(t0), stats=self.stats())
         if self.adaptive:
-            self.last_proposal = dtf
+            self.track.last_proposal = dtf
             if self.min_step is not None and dtf < self.min_step:
                 raise SolverError(f"the step-size controller proposed dt={dtf:.3g} < min_step={self.min_step:g} "
                                   f"({self.phase} pass of torchdiffeq:{self.method})", step=c.attempts,
@@ -218,16 +217,25 @@ class _Monitor(torch.nn.Module):
                            backend="torchdiffeq", method=f"torchdiffeq:{self.method}")
 
     def time_report(self) -> Dict[str, float]:
-        if self._dev is None:
+        tr = self.track
+        if tr.tmin == math.inf:
             return {"t_min": float("nan"), "t_max": float("nan"), "max_time_clamp": 0.0}
-        return {"t_min": float(self._tmin), "t_max": float(self._tmax), "max_time_clamp": float(self._dev)}
+        return {"t_min": tr.tmin, "t_max": tr.tmax, "max_time_clamp": tr.dev}
 
     def check_clamp(self) -> None:
-        if self._dev is not None:
-            d = float(self._dev)
-            if d > self._slack:
-                raise RuntimeError(f"internal error: torchdiffeq evaluated {d:.3g} outside [{self.lo}, {self.hi}] "
-                                   f"(clamped); please report")
+        d = self.track.dev
+        if d > self._slack:
+            raise RuntimeError(f"internal error: torchdiffeq evaluated {d:.3g} outside [{self.lo}, {self.hi}] "
+                               f"(clamped); please report")
+
+
+class _Track:
+    __slots__ = ("dev", "tmin", "tmax", "last_proposal", "cached_f0")
+
+    def __init__(self):
+        self.dev, self.tmin, self.tmax = 0.0, math.inf, -math.inf
+        self.last_proposal: Optional[float] = None
+        self.cached_f0: Optional[Tuple[float, State, State]] = None
 
 
 class _Counts:
@@ -246,9 +254,11 @@ def _device(y: State) -> torch.device:
 
 
 def _all_finite(y: State) -> bool:
+    """One reduction and one host read per component (a sum is non-finite iff an entry is, up to
+    overflow of the sum itself, which only a diverging state reaches)."""
     if isinstance(y, torch.Tensor):
-        return bool(torch.isfinite(y).all())
-    return all(bool(torch.isfinite(c).all()) for c in y)
+        return math.isfinite(float(y.sum()))
+    return all(math.isfinite(float(c.sum())) for c in y)
 
 
 def _same_state(a: State, b: State) -> bool:
@@ -553,7 +563,7 @@ def odeint_counted(func: Callable, y0: State, t_start: float, t_end: float, *, m
             order = _TD_SOLVERS[method].order
             first, f0 = _initial_step(mon, y0, t_start, t_end, order, rtol, atol, norm_fn,
                                       grad=torch.is_grad_enabled() and not adjoint)
-            mon.cached_f0 = (t_start, y0, f0)
+            mon.track.cached_f0 = (t_start, y0, f0)
             opts["first_step"] = first
         info["first_step"] = float(opts["first_step"])
     elif grid is not None:
@@ -591,8 +601,8 @@ def odeint_counted(func: Callable, y0: State, t_start: float, t_end: float, *, m
                           t=None if c.t_last is None else float(c.t_last), stats=mon.stats()) from e
     mon.check_clamp()
     mon.phase = "adjoint"
-    if adj_first is not None and mon.last_proposal is not None:
-        adj_first.fill_(min(mon.last_proposal, hi - lo))
+    if adj_first is not None and mon.track.last_proposal is not None:
+        adj_first.fill_(min(mon.track.last_proposal, hi - lo))
 
     if is_tuple:
         y_final = tuple(s[-1] for s in sol)
