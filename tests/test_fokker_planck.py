@@ -7,6 +7,7 @@ checked against sympy applied to the original (non-log) form (∂_t p + ∇·(Fp
 
 
 import numpy as np
+from _mixture_params import random_params
 import pytest
 import sympy as sp
 import torch
@@ -48,19 +49,7 @@ def processes(draw):
 
 
 def random_mixture(kind, d, K, seed):
-    rng = np.random.default_rng(seed)
-    w = rng.uniform(0.2, 1.0, K)
-    mu = rng.normal(0.0, 1.5, (K, d))
-    if kind == "full":
-        covs = []
-        for _ in range(K):
-            Q, _ = np.linalg.qr(rng.normal(size=(d, d)))
-            covs.append(Q @ np.diag(rng.uniform(0.2, 2.0, d)) @ Q.T)
-        S = np.array(covs)
-    elif kind == "diag":
-        S = rng.uniform(0.2, 2.0, (K, d))
-    else:
-        S = rng.uniform(0.2, 2.0, K)
+    w, mu, S = random_params(kind, d, K, seed, mean_scale=1.5)
     return GaussianMixture(torch.tensor(w), torch.tensor(mu), torch.tensor(S))
 
 

@@ -20,14 +20,6 @@ F64 = torch.float64
 HYP = settings(max_examples=20, deadline=None, derandomize=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Kernel tables are small tensors: intra-op threads only add contention on a busy host."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def rel(a, b):
     """max |a/b - 1| over entries (numpy or torch)."""

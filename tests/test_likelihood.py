@@ -35,15 +35,6 @@ T_EPS = 1e-5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Intra-op threads off: these small problems gain nothing from them, and on a loaded 2-core
-    machine OpenMP's parallel regions can slow element-wise ops by orders of magnitude."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def sin_sde():
     """A numeric-kernel LinearSDE from two lambdas with a sin term."""

@@ -7,6 +7,7 @@ Ground truth is never computed with the code under test: densities come from
 import math
 
 import numpy as np
+from _mixture_params import random_params
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -24,24 +25,6 @@ KINDS = ("full", "diag", "iso")
 # ----------------------------------------------------------------------------------------------
 # Independent reference implementation (numpy / scipy)
 # ----------------------------------------------------------------------------------------------
-
-def random_params(kind, d, K, seed, ev=(0.2, 2.0)):
-    """Well-conditioned mixture parameters in numpy: weights (K,), means (K, d), covs in `kind` layout."""
-    rng = np.random.default_rng(seed)
-    w = rng.uniform(0.2, 1.0, K)
-    mu = rng.normal(0.0, 2.0, (K, d))
-    if kind == "full":
-        covs = []
-        for _ in range(K):
-            Q, _ = np.linalg.qr(rng.normal(size=(d, d)))
-            covs.append(Q @ np.diag(rng.uniform(*ev, d)) @ Q.T)
-        S = np.array(covs)
-    elif kind == "diag":
-        S = rng.uniform(*ev, (K, d))
-    else:
-        S = rng.uniform(*ev, K)
-    return w, mu, S
-
 
 def full_covs(kind, S, d):
     if kind == "full":
