@@ -257,8 +257,8 @@ def _all_finite(y: State) -> bool:
     """One reduction and one host read per component (a sum is non-finite iff an entry is, up to
     overflow of the sum itself, which only a diverging state reaches)."""
     if isinstance(y, torch.Tensor):
-        return math.isfinite(float(y.sum()))
-    return all(math.isfinite(float(c.sum())) for c in y)
+        return math.isfinite(float(y.detach().sum()))
+    return all(math.isfinite(float(c.detach().sum())) for c in y)
 
 
 def _same_state(a: State, b: State) -> bool:
