@@ -152,7 +152,7 @@ class _Monitor(torch.nn.Module):
     def clamp_time(self, t) -> torch.Tensor:
         """``t`` as a float64 0-d tensor clamped into ``[lo, hi]``; tracks the range seen and the
         largest clamp correction (Python floats: one host read of ``t``, no extra kernels)."""
-        tf = float(t)
+        tf = float(t.detach()) if isinstance(t, torch.Tensor) else float(t)
         tc = min(max(tf, self.lo), self.hi)
         tr = self.track
         tr.dev = max(tr.dev, abs(tf - tc))
