@@ -24,6 +24,14 @@ __all__ = ["Context", "Coefs"]
 F64 = torch.float64
 
 
+def _unaliased(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A user drift may return ``x`` itself or a view of it; methods update the state in place,
+    so such an output is copied first."""
+    if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        return out.clone()
+    return out
+
+
 @dataclass(frozen=True)
 class Coefs:
     """Kernel coefficients at one time, as Python floats."""
@@ -124,7 +132,7 @@ class Context:
         if self.linear:
             c = self._coefs.get(t) or self.coefs(t)
             return torch.add(c.f * x, self.score(x, t), alpha=-0.5 * c.g2)  # one fused pass
-        return self.problem._drift(x, torch.tensor(t, dtype=F64, device=self.device))
+        return _unaliased(self.problem._drift(x, torch.tensor(t, dtype=F64, device=self.device)), x)
 
     def drift(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """Drift of the SDE problem (forward: f x; reverse: f x - (1+eta^2)/2 g^2 score)."""
@@ -137,9 +145,8 @@ class Context:
             self.counter.count += 1
             return c.f * x
         t64 = torch.tensor(t, dtype=F64, device=self.device)
-        if hasattr(self.problem, "score_fn"):
-            return self.problem._drift(x, t64)
-        return self.counter(x, t64)
+        out = self.problem._drift(x, t64) if hasattr(self.problem, "score_fn") else self.counter(x, t64)
+        return _unaliased(out, x)
 
     def diffuse(self, x: torch.Tensor, t: float, dW: torch.Tensor) -> torch.Tensor:
         """G(x, t) dW (reverse SDE: eta(t) g(t) dW)."""
