@@ -312,15 +312,14 @@ def test_method_invalid_for_noise_kind():
 
 
 def test_drift_returning_a_view_of_the_state():
-    """dx = P x dt with P a permutation (the drift returns a view of x): Euler's update must not
-    be corrupted by in-place state updates. Exact Euler map: x <- (I + h P) x."""
-    sde = sdekit.SDE(lambda x, t: x.flip(1), lambda x, t: torch.zeros(x.shape[0], dtype=x.dtype),
-                     noise="isotropic")
-    x0 = torch.tensor([[1.0, 2.0]], dtype=F)
+    """dX = X^T dt on a 2x2 state (batch 2, d = 2): the drift returns a *view* of the state with
+    permuted elements, so an in-place update without a copy would read half-updated values.
+    Exact Euler map: X <- X + h X^T."""
+    sde = sdekit.SDE(lambda x, t: x.T, lambda x, t: torch.zeros(x.shape[0], dtype=x.dtype), noise="isotropic")
+    x0 = torch.tensor([[1.0, 2.0], [3.0, 5.0]], dtype=F)
     out = solve(sde, x0, 0.0, 1.0, method="euler_maruyama", steps=4, generator=torch.Generator().manual_seed(0)).x
-    P = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=F)
     ref = x0.clone()
     for _ in range(4):
-        ref = ref @ (torch.eye(2, dtype=F) + 0.25 * P).T
+        ref = ref + 0.25 * ref.T
     assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
-    assert torch.equal(x0, torch.tensor([[1.0, 2.0]], dtype=F))  # the caller's tensor is untouched
+    assert torch.equal(x0, torch.tensor([[1.0, 2.0], [3.0, 5.0]], dtype=F))  # the caller's tensor is untouched
