@@ -9,6 +9,8 @@ every variant, so bits/dim can be compared sample by sample:
 * ``sdekit``: ``sdekit.likelihood.log_likelihood`` with the same network, float32, eager.
 * ``sdekit+bf16``: bfloat16 autocast inside the network call only (the rest of the score and
   the ODE stay float32/float64), channels-last memory format, eager.
+* ``sdekit+cudagraph``: the network's forward and backward captured as CUDA graphs
+  (``torch.cuda.make_graphed_callables``, float32) — for a network bound by kernel launches.
 * ``sdekit+compile``: the network wrapped in ``torch.compile``.
 * ``sdekit+compile+bf16`` / ``+fp16``: compiled and autocast.
 
@@ -147,6 +149,19 @@ def main(argv=None):
     compiled = {}
 
     def net_variant(name):
+        if "cudagraph" in name:
+            # fp32 forward + backward captured as CUDA graphs for the batch shape; other shapes
+            # (log_likelihood's one-sample differentiability probe) run eagerly
+            static_x = x.detach().clone().requires_grad_(True)
+            static_t = torch.full((args.batch,), 0.5, device=dev)
+            graphed = torch.cuda.make_graphed_callables(net, (static_x, static_t))
+
+            def call(xx, tt):
+                if xx.shape == static_x.shape and xx.requires_grad and xx.dtype == static_x.dtype:
+                    return graphed(xx, tt.to(static_t.dtype))
+                return net(xx, tt)
+
+            return call
         amp = torch.bfloat16 if "bf16" in name else torch.float16 if "fp16" in name else None
         if "compile" not in name and amp is None:
             return net_eager
