@@ -28,6 +28,7 @@ CPU ok, for a smoke test).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -154,7 +155,8 @@ def main(argv=None):
             # (log_likelihood's one-sample differentiability probe) run eagerly
             static_x = x.detach().clone().requires_grad_(True)
             static_t = torch.full((args.batch,), 0.5, device=dev)
-            graphed = torch.cuda.make_graphed_callables(net, (static_x, static_t))
+            # make_graphed_callables replaces a module's forward in place: graph a copy
+            graphed = torch.cuda.make_graphed_callables(copy.deepcopy(net), (static_x, static_t))
 
             def call(xx, tt):
                 if xx.shape == static_x.shape and xx.requires_grad and xx.dtype == static_x.dtype:
