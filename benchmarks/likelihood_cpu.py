@@ -122,8 +122,10 @@ def run(quick: bool, repeats: int, out: str | None, threads: int | None):
                     ("sdekit log_likelihood", "hutchinson", None)]
         if d <= 16:
             variants.append(("sdekit log_likelihood", "exact", None))
+            variants.append(("sdekit log_likelihood, norm=per-sample", "exact", None))
         elif not quick:
             variants.append(("sdekit log_likelihood", "exact", d))
+            variants.append(("sdekit log_likelihood, norm=per-sample", "exact", d))
         if not rows:  # warm-up, untimed: torch's first autograd.grad imports sympy (~1.5 s)
             classic_likelihood(sde, score, x[:4], pT.log_prob, t_eps=t_eps, rtol=1e-2, atol=1e-2)
             log_likelihood(sde, score, x[:4], t_eps=t_eps, rtol=1e-2, atol=1e-2, prior=pT)
@@ -137,7 +139,8 @@ def run(quick: bool, repeats: int, out: str | None, threads: int | None):
                     res = {"logp": logp, "nfe": 2 * nfev}
                 else:
                     r = log_likelihood(sde, score, x, t_eps=t_eps, rtol=tol, atol=tol, divergence=div, n_probes=1,
-                                       generator=gen, prior=pT, exact_dim_limit=limit or 16)
+                                       generator=gen, prior=pT, exact_dim_limit=limit or 16,
+                                       norm="per-sample" if "per-sample" in name else "batch")
                     wall = r.stats.wall_time
                     res = {"logp": r.log_prob, "nfe": r.stats.nfe, "z": r.z}
                 walls.append(wall)
