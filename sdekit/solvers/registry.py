@@ -57,6 +57,14 @@ def get_method(name: str) -> MethodInfo:
     return METHODS[name]
 
 
+def _adaptive_word(m: MethodInfo) -> str:
+    # torchsde methods step with a fixed dt unless solve(..., adaptive=True); they are routed
+    # through the backend path (m.adaptive) either way
+    if m.backend == "torchsde":
+        return "optional (adaptive=True)"
+    return "yes" if m.adaptive else "no"
+
+
 def method_table() -> str:
     """A markdown table of the registry (used by the docs)."""
     rows = ["| method | problem | noise | order (strong/weak) | evals/step | adaptive | backend |",
@@ -64,5 +72,5 @@ def method_table() -> str:
     for m in METHODS.values():
         order = f"{m.strong_order:g}" + (f" / {m.weak_order:g}" if m.weak_order is not None else "")
         rows.append(f"| `{m.name}` | {m.problem} | {', '.join(m.noise) or '-'} | {order} | "
-                    f"{m.evals_per_step} | {'yes' if m.adaptive else 'no'} | {m.backend} |")
+                    f"{m.evals_per_step} | {_adaptive_word(m)} | {m.backend} |")
     return "\n".join(rows)
