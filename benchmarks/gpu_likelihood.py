@@ -74,7 +74,6 @@ def make_score(sde, net_call, dev):
 def plain_recipe(sde, score, x, probe, rtol, atol):
     """The classic torchdiffeq + autograd recipe (one VJP per evaluation), float32."""
     k = sde.kernel
-    d = x[0].numel()
     calls = [0]
 
     def func(t, state):

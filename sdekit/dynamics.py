@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .processes import PublicCoefficients, apply_diffusion
-from ._validation import TimeLike, as_time, broadcast_to_data, check_positive, check_state, check_time_range, time_for
+from ._validation import TimeLike, broadcast_to_data, check_positive, check_state, check_time_range, time_for
 
 __all__ = [
     "ReverseSDE",

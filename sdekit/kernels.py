@@ -30,7 +30,6 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from ._validation import short
 
 __all__ = [
     "Kernel",

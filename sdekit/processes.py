@@ -34,7 +34,6 @@ from ._validation import (
     TimeLike,
     as_time,
     broadcast_to_data,
-    check_finite,
     check_positive,
     check_state,
     check_time_range,

@@ -6,7 +6,6 @@ checked against sympy applied to the original (non-log) form (∂_t p + ∇·(Fp
 """
 
 
-import numpy as np
 from _mixture_params import random_params
 import pytest
 import sympy as sp

@@ -7,17 +7,9 @@ from .registry import METHODS, MethodInfo, get_method, method_table
 from .stats import CountingFunction, Solution, SolverError, SolverStats
 from .grids import GRID_KINDS, make_grid
 from .brownian import BrownianPath
-from . import native  # noqa: F401  (registers the native methods)
+# importing these modules registers their methods in METHODS
+from . import native, exponential, backend_torchdiffeq, backend_torchsde  # noqa: F401
 from .solve import solve
-
-try:  # registered by their own modules
-    from . import exponential  # noqa: F401
-except ImportError:  # pragma: no cover - during development
-    pass
-try:
-    from . import backend_torchdiffeq, backend_torchsde  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
 
 __all__ = ["solve", "Solution", "SolverStats", "SolverError", "METHODS", "MethodInfo", "get_method",
            "method_table", "make_grid", "GRID_KINDS", "CountingFunction", "BrownianPath"]

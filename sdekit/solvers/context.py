@@ -12,11 +12,11 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from ..dynamics import ProbabilityFlowODE, ReverseSDE, evaluate_score
+from ..dynamics import ProbabilityFlowODE, ReverseSDE
 from .stats import CountingFunction, SolverError, SolverStats
 
 __all__ = ["Context", "Coefs"]

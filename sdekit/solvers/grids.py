@@ -13,7 +13,7 @@ a tensor         used as given (validated: strictly monotone, finite).
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 

@@ -12,7 +12,6 @@ import math
 
 import torch
 
-from ..dynamics import ReverseSDE
 from .context import Context
 from .registry import MethodInfo, register
 

@@ -21,7 +21,7 @@ from ..processes import SDE
 from .context import Context
 from .grids import make_grid
 from .registry import MethodInfo, get_method
-from .stats import Solution, SolverError, SolverStats
+from .stats import Solution, SolverStats
 
 __all__ = ["solve"]
 
@@ -37,7 +37,6 @@ def _problem_kind(problem) -> str:
 
 
 def _check_compat(info: MethodInfo, problem, kind: str) -> None:
-    valid = "methods for this problem: "
     if info.problem == "ode" and kind != "ode":
         raise ValueError(f"method {info.name!r} solves ODEs (a ProbabilityFlowODE); got a {type(problem).__name__}. "
                          f"Use an SDE method (euler_maruyama, stochastic_heun, torchsde:...) or sde.probability_flow(score)")

@@ -12,7 +12,7 @@ the distribution of the same statistic between two independent samples of the ta
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
