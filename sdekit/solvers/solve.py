@@ -123,7 +123,8 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
         step on CPU; on CUDA a device-side flag checked once at the end, no host sync per step).
     **options:
         Method-specific options (e.g. ``eta`` for ddim, ``churn`` for heun, ``snr`` and
-        ``n_corrector`` for pc, ``order`` / ``predict`` for DPM-Solver).
+        ``n_corrector`` for pc; ``predict``, ``r1``, ``r2``, ``lower_order_final``, ``published_form``
+        and ``eta`` for the DPM-Solver family).
 
     Returns
     -------
