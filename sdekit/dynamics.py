@@ -19,7 +19,7 @@ to torchsde (:meth:`ReverseSDE.to_torchsde`, which runs in the increasing variab
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -121,6 +121,26 @@ class _Derived:
         check_time_range(t64, self.T)
         return x, t64
 
+    def _score_coefficient(self, t64: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def affine_coefficients(self, t: TimeLike) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        r"""``(a(t), c(t))`` with drift :math:`= a(t)\,x + c(t)\,s(x, t)` for a linear forward SDE.
+
+        For :math:`dx = f(t)x\,dt + g(t)\,dW`: the probability-flow ODE has :math:`a = f`,
+        :math:`c = -\tfrac12 g^2`; the reverse SDE :math:`a = f`, :math:`c = -\tfrac{1+\eta^2}{2}g^2`.
+        This is the same formula as the drift itself (from the kernel's ``f`` and ``g2``), split
+        so that callers can treat the linear part analytically — e.g. the divergence
+        :math:`\nabla\cdot v = a\,d + c\,\nabla\cdot s` needs the score's Jacobian only.
+        ``None`` when the forward SDE is not linear. Float64 tensors shaped like ``t``
+        (0-d or ``(B,)``); ``t`` is not range-checked.
+        """
+        if not getattr(self.sde, "is_linear", False):
+            return None
+        t64 = t.to(F64) if isinstance(t, torch.Tensor) else torch.tensor(float(t), dtype=F64)
+        k = self.sde.kernel
+        return k.f(t64), self._score_coefficient(t64) * k.g2(t64)
+
 
 class ReverseSDE(PublicCoefficients, _Derived):
     r"""The reverse-time SDE :math:`dx = [f - \frac{1+\eta^2}{2}(D\nabla\log p + \nabla\cdot D)]dt + \eta G\,d\bar W`.
@@ -146,8 +166,11 @@ class ReverseSDE(PublicCoefficients, _Derived):
         self.state_dependent_noise = sde.state_dependent_noise
 
     def _drift(self, x, t64):
+        return self._corrected_drift(x, t64, -self._score_coefficient(t64))
+
+    def _score_coefficient(self, t64):
         eta = self._eta(t64)
-        return self._corrected_drift(x, t64, 0.5 * (1.0 + eta * eta))
+        return -0.5 * (1.0 + eta * eta)
 
     def _diffusion(self, x, t64):
         G = self.sde._diffusion(x, t64)
@@ -190,6 +213,9 @@ class ProbabilityFlowODE(torch.nn.Module, _Derived):
 
     def _drift(self, x, t64):
         return self._corrected_drift(x, t64, torch.tensor(0.5, dtype=F64, device=x.device))
+
+    def _score_coefficient(self, t64):
+        return torch.full_like(t64, -0.5)
 
     def forward(self, t: TimeLike, x: torch.Tensor) -> torch.Tensor:
         """:math:`dx/dt` at ``(t, x)``."""

@@ -70,6 +70,34 @@ def _linear_sde(sde):
     return sde
 
 
+class _MixtureScore(torch.autograd.Function):
+    r"""The mixture score with an analytic backward pass.
+
+    The score is a gradient, so its Jacobian (the Hessian of :math:`\log p_t`) is symmetric and
+    the vector–Jacobian product equals :meth:`GaussianMixture._score_jvp` — a handful of
+    ``(B, K, d)`` operations on quantities the forward pass already has, instead of autograd's
+    replay of every forward operation. For a double backward (``create_graph=True``, e.g. a
+    gradient of a Hutchinson divergence) the backward recomputes the pieces from ``x`` with
+    differentiable operations, so higher derivatives stay exact. ``m`` and ``s2`` get no gradient:
+    the caller uses this only when they do not require one.
+    """
+
+    @staticmethod
+    def forward(ctx, x64, m, s2, gm):
+        r, sk, c, s = gm._score_parts(x64, m, s2)
+        ctx.gm = gm
+        ctx.save_for_backward(x64, m, s2, r, sk, c, s)
+        return s
+
+    @staticmethod
+    def backward(ctx, u):
+        x64, m, s2, r, sk, c, s = ctx.saved_tensors
+        gm = ctx.gm
+        if torch.is_grad_enabled():  # double backward: rebuild the pieces differentiably from x
+            r, sk, c, s = gm._score_parts(x64, m, s2)
+        return gm._score_jvp(r, sk, c, s, u), None, None, None
+
+
 class GaussianMixture:
     r"""A Gaussian mixture :math:`\sum_k \pi_k\,\mathcal N(\mu_k, \Sigma_k)` with exact marginals under linear SDEs.
 
@@ -436,9 +464,57 @@ class GaussianMixture:
         def score(x: torch.Tensor, t: TimeLike) -> torch.Tensor:
             xf = self._flat(x)
             m, s2 = self._time_coefs(sde, x, t)
-            return self._evaluate(xf.to(F64), m, s2, True)[1].to(x.dtype).reshape(x.shape)
+            x64 = xf.to(F64)
+            B = x64.shape[0]
+            if (not (m.requires_grad or s2.requires_grad) and
+                    B * self.n_components * self.dim * (self.dim if self._kind == "full" else 1)
+                    <= self._VECTORIZE_LIMIT):
+                out = _MixtureScore.apply(x64, m, s2, self)  # analytic Jacobian-vector products
+            else:  # plain autograd (also differentiable in t)
+                out = self._evaluate(x64, m, s2, True)[1]
+            return out.to(x.dtype).reshape(x.shape)
 
         return score
+
+    def _score_parts(self, x64: torch.Tensor, m: torch.Tensor, s2: torch.Tensor):
+        r"""Responsibilities ``r`` (B, K), the per-component scores :math:`s_k = -C_k^{-1}(x - m\mu_k)`
+        (B, K, d) in the original coordinates, ``c`` (the eigenvalues of :math:`C_k`: (1|B, K, d) or
+        (1|B, K, 1)) and the score :math:`s = \sum_k r_k s_k` (B, d); differentiable torch operations."""
+        log_w, mu, lam, U = self._params(x64.device)
+        B, d, K = x64.shape[0], self.dim, self.n_components
+        m3, s23 = m.reshape(-1, 1, 1), s2.reshape(-1, 1, 1)
+        y = x64[:, None, :] - m3 * mu  # (B, K, d)
+        if self._kind == "iso":
+            c = m3 * m3 * lam[:, None] + s23  # (1 or B, K, 1)
+            z = y
+            quad = (y * y).sum(-1) / c[..., 0]
+            logdet = d * torch.log(c[..., 0])
+        else:
+            c = m3 * m3 * lam + s23  # (1 or B, K, d)
+            z = torch.einsum("bki,kij->bkj", y, U) if self._kind == "full" else y
+            quad = (z * z / c).sum(-1)
+            logdet = torch.log(c).sum(-1)
+        lk = log_w - 0.5 * (quad + logdet)  # (B, K); constants cancel in r
+        r = torch.softmax(lk, dim=1)
+        zc = z / c
+        sk = -(torch.einsum("bkj,kij->bki", zc, U) if self._kind == "full" else zc)
+        s = (r[..., None] * sk).sum(1)
+        return r, sk, c, s
+
+    def _score_jvp(self, r, sk, c, s, u):
+        r""":math:`J u` for the score's Jacobian :math:`J = \nabla^2\log p_t
+        = -\sum_k r_k C_k^{-1} + \sum_k r_k s_k s_k^\top - s s^\top` (symmetric, so also :math:`u^\top J`):
+        :math:`Ju = -\sum_k r_k C_k^{-1}u + \sum_k r_k s_k (s_k\cdot u) - s\,(s\cdot u)`."""
+        U = self._params(u.device)[3]
+        # (broadcast products and matmul only: this runs under vmap for batched VJPs, and einsum
+        # has no batching rule inside a custom backward)
+        if self._kind == "full":  # C_k^{-1} u = U_k diag(1/c_k) U_k^T u
+            w = torch.matmul(u[:, None, None, :], U)[:, :, 0, :] / c  # (B, K, d): U_k^T u / c_k
+            cinv_u = torch.matmul(w[:, :, None, :], U.transpose(1, 2))[:, :, 0, :]
+        else:
+            cinv_u = u[:, None, :] / c
+        proj = (sk * u[:, None, :]).sum(-1, keepdim=True)  # (B, K, 1): s_k . u
+        return ((sk * proj - cinv_u) * r[..., None]).sum(1) - s * (s * u).sum(-1, keepdim=True)
 
     def exact_log_prob(self, sde) -> Callable[[torch.Tensor, TimeLike], torch.Tensor]:
         """The exact marginal log density ``log_prob(x, t)`` (shape ``(B,)``, x's dtype) under a linear SDE.

@@ -36,6 +36,7 @@ import torch
 from .._validation import check_positive, check_state, short
 from ..dynamics import evaluate_score
 from ..processes import SDE, LinearSDE
+from ..solvers.adaptive import NATIVE_ADAPTIVE_METHODS, integrate_adaptive
 from ..solvers.backend_torchdiffeq import ADAPTIVE_METHODS, odeint_counted
 from ..solvers.stats import CountingFunction, SolverError, SolverStats
 from .divergence import (
@@ -50,6 +51,9 @@ __all__ = ["log_likelihood", "LikelihoodResult", "GaussianDataPrior", "DIVERGENC
 
 F64 = torch.float64
 DIVERGENCES = ("auto", "exact", "hutchinson")
+BACKENDS = ("auto", "native", "torchdiffeq")
+# torchdiffeq options the native integrator understands (same meaning)
+_NATIVE_OPTIONS = {"first_step", "max_step", "safety", "ifactor", "dfactor"}
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -245,7 +249,14 @@ class _AugmentedField(torch.nn.Module):
     ``(B, K)``), from one score evaluation and one batched VJP. The state is float64; the field is
     evaluated in the data's dtype. Outputs keep an autograd graph only when grad mode is on and a
     gradient is wanted (``needs_graph``) — during a differentiable solve or the adjoint backward
-    pass; otherwise they are detached and the VJP builds no second-order graph."""
+    pass; otherwise they are detached and the VJP builds no second-order graph.
+
+    For a linear SDE the velocity is affine in the score, :math:`v = a(t)x + c(t)s(x,t)`
+    (:meth:`~sdekit.dynamics.ProbabilityFlowODE.affine_coefficients`), so
+    :math:`\nabla\cdot v = a\,d + c\,\nabla\cdot s`: the VJPs run through the score alone and the
+    linear part is exact (for Rademacher probes :math:`\varepsilon^\top aI\varepsilon = a\,d`
+    identically, so the estimator is unchanged; for Gaussian probes its variance drops). The
+    linear part is also combined in float64."""
 
     def __init__(self, pf, dtype: torch.dtype, mode: str, probes: Optional[torch.Tensor], needs_graph: bool):
         super().__init__()
@@ -254,6 +265,14 @@ class _AugmentedField(torch.nn.Module):
         self.mode = mode
         self.probes = probes
         self.needs_graph = needs_graph
+        self.affine = getattr(pf.sde, "is_linear", False)
+        self.shape: Tuple[int, ...] = ()
+        self.d = 0
+
+    def _divergence(self, out: torch.Tensor, xu: torch.Tensor, graph: bool) -> torch.Tensor:
+        if self.mode == "exact":
+            return exact_divergence_of(out, xu, create_graph=graph).unsqueeze(1)
+        return hutchinson_divergence_of(out, xu, self.probes, create_graph=graph)
 
     def forward(self, t: torch.Tensor, state: Tuple[torch.Tensor, torch.Tensor]):
         x = state[0]
@@ -261,15 +280,30 @@ class _AugmentedField(torch.nn.Module):
         with torch.enable_grad():
             xin = x if (graph and x.requires_grad) else x.detach().requires_grad_(True)
             xu = xin.to(self.dtype)
-            v = self.pf._drift(xu, t)
-            if self.mode == "exact":
-                div = exact_divergence_of(v, xu, create_graph=graph).unsqueeze(1)
+            if self.affine:
+                t64 = t.to(F64)
+                s = evaluate_score(self.pf.score_fn, xu, t64)
+                div_s = self._divergence(s, xu, graph)
             else:
-                div = hutchinson_divergence_of(v, xu, self.probes, create_graph=graph)
+                v = self.pf._drift(xu, t)
+                div = self._divergence(v, xu, graph)
+        if self.affine:
+            a, c = self.pf.affine_coefficients(t64)
+            xv = xin if graph else x
+            sv = s if graph else s.detach()
+            v = a * xv + c * sv.to(F64)
+            div = (a * (xu[0].numel())) + c * (div_s if graph else div_s.detach()).to(F64)
+            return v, div
         v, div = v.to(F64), div.to(F64)
         if not graph:
             v, div = v.detach(), div.detach()
         return v, div
+
+    def flat(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The same field on the native integrator's ``(B, d + K)`` state ``[x | Δ]``."""
+        B = y.shape[0]
+        v, div = self.forward(t, (y[:, :self.d].reshape(self.shape), None))
+        return torch.cat([v.reshape(B, -1), div], 1)
 
 
 def _graph_leaves(out: torch.Tensor, exclude: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -329,7 +363,7 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
                    n_probes: int = 1, generator: Optional[torch.Generator] = None, adjoint: bool = False,
                    norm: str = "batch", prior: Any = None, exact_dim_limit: int = 16,
                    max_steps: Optional[int] = None, params: Optional[Sequence[torch.Tensor]] = None,
-                   options: Optional[Dict[str, Any]] = None) -> LikelihoodResult:
+                   options: Optional[Dict[str, Any]] = None, backend: str = "auto") -> LikelihoodResult:
     r"""Log-likelihood :math:`\log p_{t_\varepsilon}(x)` (nats per sample) by the probability-flow ODE.
 
     Integrates :math:`dx/dt = v`, :math:`d\Delta/dt = \nabla\cdot v` from :math:`t_\varepsilon` to
@@ -385,7 +419,17 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
         closure captures). Decides whether the solve keeps a graph and what the adjoint
         differentiates.
     options:
-        Extra torchdiffeq options (``first_step``, ``max_step``, ``safety``, ...).
+        Extra solver options (``first_step``, ``max_step``, ``safety``, ``ifactor``, ``dfactor``;
+        the torchdiffeq backend accepts its other options too).
+    backend:
+        Which integrator runs the solve. ``"native"``: :func:`sdekit.solvers.adaptive.integrate_adaptive`
+        — the same Dormand–Prince / Bogacki–Shampine steps, controller and NFE as torchdiffeq, with
+        less per-step bookkeeping (faster for cheap scores and small states); available for
+        ``dopri5`` and ``bosh3`` when no gradient is needed. ``"torchdiffeq"``:
+        :func:`~sdekit.solvers.backend_torchdiffeq.odeint_counted` (any adaptive method,
+        backpropagation through the solver, ``adjoint=True``). ``"auto"`` (default): native where
+        it applies on the CPU, else torchdiffeq (on CUDA the native path works but has not been
+        timed yet, so it is opt-in there). ``stats.backend`` says which ran.
 
     Returns
     -------
@@ -436,6 +480,8 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
     adjoint = _check_bool(adjoint, "adjoint")
     if norm not in ("batch", "per-sample"):
         raise ValueError(f"norm must be 'batch' or 'per-sample', got {norm!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(exact_dim_limit, bool) or not isinstance(exact_dim_limit, numbers.Integral) or exact_dim_limit < 0:
         raise ValueError(f"exact_dim_limit must be a non-negative integer, got {exact_dim_limit!r}")
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral)
@@ -477,16 +523,42 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
     K = n_probes if mode == "hutchinson" else 1
     field_ = _AugmentedField(pf, x.dtype, mode, probes, needs_graph=wants_grad)
     y0 = (x.to(F64), torch.zeros(B, K, dtype=F64, device=x.device))
-    solver_norm = norm
+    native_blockers = []
+    if method not in NATIVE_ADAPTIVE_METHODS:
+        native_blockers.append(f"method={method!r} (native: {sorted(NATIVE_ADAPTIVE_METHODS)})")
     if adjoint:
-        solver_norm = "seminorm" if norm == "batch" else norm
-    stats = SolverStats(backend="torchdiffeq", method=f"torchdiffeq:{method}")
+        native_blockers.append("adjoint=True")
+    if wants_grad:
+        native_blockers.append("a gradient is wanted (x or the score's parameters require grad under grad mode)")
+    unknown = sorted(set(options or {}) - _NATIVE_OPTIONS)
+    if unknown:
+        native_blockers.append(f"torchdiffeq-only options {unknown}")
+    if backend == "native" and native_blockers:
+        raise ValueError(f"backend='native' cannot run this solve: {'; '.join(native_blockers)}. "
+                         f"Use backend='torchdiffeq' or 'auto'")
+    # "auto" picks the native integrator on the CPU only: on CUDA the published throughput
+    # (docs/benchmarks.md) was measured with torchdiffeq and the native path is not yet timed there
+    use_native = not native_blockers and (backend == "native" or (backend == "auto" and x.device.type == "cpu"))
+    stats = SolverStats(backend="native" if use_native else "torchdiffeq",
+                        method=method if use_native else f"torchdiffeq:{method}")
     t0 = time.perf_counter()
     try:
-        (z64, delta), _, info = odeint_counted(
-            field_, y0, t_eps, sde.T, method=method, rtol=rtol, atol=atol, norm=solver_norm,
-            max_steps=None if max_steps is None else int(max_steps), adjoint=adjoint,
-            adjoint_params=tuple(p for p in params if p.requires_grad) if adjoint else None, options=options)
+        if use_native:
+            field_.shape, field_.d = tuple(x.shape), d
+            y0_flat = torch.cat([x.detach().reshape(B, d).to(F64), torch.zeros(B, K, dtype=F64, device=x.device)], 1)
+            y1, info = integrate_adaptive(field_.flat, y0_flat, t_eps, sde.T, method=method, rtol=rtol, atol=atol,
+                                          norm=norm, segments=(d,), max_steps=None if max_steps is None else
+                                          int(max_steps), **(options or {}))
+            info["adjoint"] = None
+            z64, delta = y1[:, :d].reshape(x.shape), y1[:, d:]
+        else:
+            solver_norm = norm
+            if adjoint:
+                solver_norm = "seminorm" if norm == "batch" else norm
+            (z64, delta), _, info = odeint_counted(
+                field_, y0, t_eps, sde.T, method=method, rtol=rtol, atol=atol, norm=solver_norm,
+                max_steps=None if max_steps is None else int(max_steps), adjoint=adjoint,
+                adjoint_params=tuple(p for p in params if p.requires_grad) if adjoint else None, options=options)
     except SolverError as e:
         if e.stats is not None:
             e.stats.extra["score_calls"] = counter.count
