@@ -365,3 +365,39 @@ def test_parameterisation_property_vp(t, s0, seed):
     for conv, model in ((P.score_from_eps, data.eps), (P.score_from_denoiser, data.denoiser),
                         (P.score_from_v, data.v)):
         assert torch.allclose(conv(model, sde)(x, tt), exact, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# affine split of the PF / reverse drift (used by the likelihood's divergence)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_affine_coefficients_closed_form_vp(eta):
+    """PF: a = f = -beta/2, c = -g^2/2; reverse: c = -(1 + eta^2) g^2 / 2 (closed forms coded here)."""
+    sde = sdekit.VPSDE()
+    t = torch.tensor([0.05, 0.5, 1.0], dtype=F64)
+    cf = vp_coefs(t)
+    score = lambda x, tt: -x  # noqa: E731
+    a, c = sde.probability_flow(score, 1e-3).affine_coefficients(t)
+    torch.testing.assert_close(a, cf["f"], rtol=1e-14, atol=0)
+    torch.testing.assert_close(c, -0.5 * cf["g2"], rtol=1e-14, atol=0)
+    a, c = sde.reverse(score, eta=eta).affine_coefficients(t)
+    torch.testing.assert_close(a, cf["f"], rtol=1e-14, atol=0)
+    torch.testing.assert_close(c, -0.5 * (1 + eta * eta) * cf["g2"], rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("name", ["subvp", "ve", "custom"])
+def test_affine_coefficients_reassemble_the_drift(name):
+    sde = {"subvp": sdekit.SubVPSDE(), "ve": sdekit.VESDE(0.01, 50.0),
+           "custom": sdekit.LinearSDE(lambda t: -0.3 - t, lambda t: 1.0 + t)}[name]
+    score = lambda x, tt: torch.sin(x) - x  # noqa: E731
+    x = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    for t in (0.1, 0.6):
+        pf, rev = sde.probability_flow(score, 1e-3), sde.reverse(score, eta=lambda tt: 0.5 + tt)
+        for proc, drift in ((pf, pf.velocity(x, t)), (rev, rev.drift(x, t))):
+            a, c = proc.affine_coefficients(t)
+            torch.testing.assert_close(a * x + c * score(x, t), drift, rtol=1e-13, atol=1e-13)
+
+
+def test_affine_coefficients_none_for_a_general_sde():
+    sde = sdekit.SDE(lambda x, t: -x ** 3, lambda x, t: torch.ones_like(t), noise="isotropic")
+    assert sde.probability_flow(lambda x, t: -x, 1e-3).affine_coefficients(0.5) is None

@@ -452,3 +452,61 @@ def test_benchmark_script_quick(tmp_path):
     assert exact and max(r["err_max"] for r in exact) <= 1e-4
     for r in rows:
         assert r["nfe"] > 0 and r["wall_s"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# backends: the native integrator and torchdiffeq give the same solve
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("divergence,norm", [("exact", "batch"), ("hutchinson", "per-sample")])
+def test_native_and_torchdiffeq_backends_agree(divergence, norm):
+    sde = sdekit.VPSDE()
+    gm = mixture(3, seed=4)
+    x = gm.sample(24, generator=torch.Generator().manual_seed(0))
+    kw = dict(divergence=divergence, norm=norm, n_probes=2, prior=gm.push(sde, sde.T), rtol=1e-7, atol=1e-7)
+    nat = log_likelihood(sde, gm.exact_score(sde), x, generator=torch.Generator().manual_seed(3), **kw)
+    td = log_likelihood(sde, gm.exact_score(sde), x, generator=torch.Generator().manual_seed(3),
+                        backend="torchdiffeq", **kw)
+    assert nat.stats.backend == "native" and td.stats.backend == "torchdiffeq"  # auto -> native on CPU
+    assert (nat.stats.nfe, nat.stats.accepted, nat.stats.rejected) == (td.stats.nfe, td.stats.accepted,
+                                                                     td.stats.rejected)
+    torch.testing.assert_close(nat.log_prob, td.log_prob, rtol=0, atol=1e-9)
+    torch.testing.assert_close(nat.delta_per_probe, td.delta_per_probe, rtol=0, atol=1e-9)
+    exact = gm.exact_log_prob(sde)(x, T_EPS)
+    if divergence == "exact":
+        assert float(((nat.log_prob - exact) / 3).abs().max()) < 1e-4
+    assert nat.stats.extra["score_calls"] == nat.stats.nfe  # one score call per counted evaluation
+
+
+def test_backend_choice_and_refusals():
+    sde = sdekit.VPSDE()
+    gm = mixture(2, seed=5)
+    x = gm.sample(4, generator=torch.Generator().manual_seed(0))
+    score = gm.exact_score(sde)
+    # a gradient is wanted -> torchdiffeq (backprop through the solver), under auto
+    xg = x.clone().requires_grad_(True)
+    r = log_likelihood(sde, score, xg, rtol=1e-4, atol=1e-4)
+    assert r.stats.backend == "torchdiffeq" and r.log_prob.requires_grad
+    r = log_likelihood(sde, score, x, rtol=1e-4, atol=1e-4, method="dopri8")
+    assert r.stats.backend == "torchdiffeq"
+    for kwargs, match in [(dict(adjoint=True), "adjoint"), (dict(method="adaptive_heun"), "method"),
+                          (dict(options={"jump_t": [0.5]}), "jump_t")]:
+        with pytest.raises(ValueError, match=match):
+            log_likelihood(sde, score, x, rtol=1e-4, atol=1e-4, backend="native", **kwargs)
+    with pytest.raises(ValueError, match="backend"):
+        log_likelihood(sde, score, x, backend="scipy")
+    # native solver options are honoured: max_step bounds every step
+    r = log_likelihood(sde, score, x, rtol=1e-3, atol=1e-3, options={"max_step": 0.05})
+    assert r.stats.backend == "native" and r.stats.accepted >= 20
+
+
+def test_native_solver_failure_reports_step_time_and_stats():
+    sde = sdekit.VPSDE()
+
+    def bad(x, t):
+        hole = ((t > 0.3) & (t < 0.6))[:, None]  # NaN inside (0.3, 0.6) only: the preflight at T passes
+        return torch.where(hole, torch.full_like(x, float("nan")), -x)
+
+    with pytest.raises(SolverError, match="not finite") as ei:
+        log_likelihood(sde, bad, torch.zeros(3, 2, dtype=F64), rtol=1e-4, atol=1e-4, prior=lambda z: z.sum(1))
+    e = ei.value
+    assert e.stats.nfe > 0 and e.stats.extra["score_calls"] > 0 and T_EPS <= e.t <= 0.6
