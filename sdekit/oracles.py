@@ -303,25 +303,31 @@ class GaussianMixture:
             return self._evaluate_vectorized(x64, m, s2, want_score, want_post)
         return self._evaluate_loop(x64, m, s2, want_score, want_post)
 
-    def _evaluate_vectorized(self, x64, m, s2, want_score, want_post):
-        """All K components at once with (B, K, d) intermediates. Small reductions are written
-        as matrix products (much faster than ``sum`` over a short last axis for small d)."""
-        log_w, mu, lam, U = self._params(x64.device)
-        B, d, K = x64.shape[0], self.dim, self.n_components
+    def _component_terms(self, x64: torch.Tensor, m: torch.Tensor, s2: torch.Tensor):
+        r"""Per component, at (m, s2): ``z`` (B, K, d) — :math:`x - m\mu_k` in the eigenbasis of
+        :math:`\Sigma_k` —, ``c`` — the eigenvalues :math:`m^2\lambda_k + \sigma^2` of :math:`C_k`,
+        (1|B, K, d) or (1|B, K, 1) — and :math:`q_k = z^\top C_k^{-1} z + \log\det C_k` (B, K).
+        Reductions over the trailing axis are products with a ones vector (much faster than
+        ``sum`` over a short last axis for small d)."""
+        _, mu, lam, U = self._params(x64.device)
+        d = self.dim
         ones_d = torch.ones(d, dtype=F64, device=x64.device)
         m3, s23 = m.reshape(-1, 1, 1), s2.reshape(-1, 1, 1)
         y = x64[:, None, :] - m3 * mu  # (B, K, d)
         if self._kind == "iso":
             c = m3 * m3 * lam[:, None] + s23  # (1 or B, K, 1)
-            z = y
-            quad = ((y * y) @ ones_d) / c[..., 0]
-            logdet = d * torch.log(c[..., 0])
-        else:
-            c = m3 * m3 * lam + s23  # (1 or B, K, d)
-            z = torch.einsum("bki,kij->bkj", y, U) if self._kind == "full" else y
-            quad = (z * z / c) @ ones_d
-            logdet = torch.log(c) @ ones_d
-        lk = log_w - 0.5 * (quad + logdet + d * _LOG_2PI)  # (B, K)
+            return y, c, ((y * y) @ ones_d) / c[..., 0] + d * torch.log(c[..., 0])
+        c = m3 * m3 * lam + s23  # (1 or B, K, d)
+        z = torch.einsum("bki,kij->bkj", y, U) if self._kind == "full" else y
+        return z, c, (z * z / c) @ ones_d + torch.log(c) @ ones_d
+
+    def _evaluate_vectorized(self, x64, m, s2, want_score, want_post):
+        """All K components at once with (B, K, d) intermediates (:meth:`_component_terms`)."""
+        log_w, mu, lam, U = self._params(x64.device)
+        B, d, K = x64.shape[0], self.dim, self.n_components
+        m3 = m.reshape(-1, 1, 1)
+        z, c, q = self._component_terms(x64, m, s2)
+        lk = log_w - 0.5 * (q + d * _LOG_2PI)  # (B, K)
         M = lk.detach().amax(dim=1, keepdim=True)  # log-sum-exp shift (the result does not depend on it)
         e = torch.exp(lk - M)
         S = e @ torch.ones(K, dtype=F64, device=x64.device)
@@ -501,25 +507,10 @@ class GaussianMixture:
     def _score_parts(self, x64: torch.Tensor, m: torch.Tensor, s2: torch.Tensor):
         r"""Responsibilities ``r`` (B, K), the per-component scores :math:`s_k = -C_k^{-1}(x - m\mu_k)`
         (B, K, d) in the original coordinates, ``c`` (the eigenvalues of :math:`C_k`: (1|B, K, d) or
-        (1|B, K, 1)) and the score :math:`s = \sum_k r_k s_k` (B, d); differentiable torch operations.
-        Reductions over the short trailing axis are products with a ones vector (a reduction over
-        a size-2 axis costs ~8x a matrix-vector product on the CPU)."""
-        log_w, mu, lam, U = self._params(x64.device)
-        d = self.dim
-        ones_d = torch.ones(d, dtype=F64, device=x64.device)
-        m3, s23 = m.reshape(-1, 1, 1), s2.reshape(-1, 1, 1)
-        y = x64[:, None, :] - m3 * mu  # (B, K, d)
-        if self._kind == "iso":
-            c = m3 * m3 * lam[:, None] + s23  # (1 or B, K, 1)
-            z = y
-            quad = ((y * y) @ ones_d) / c[..., 0]
-            logdet = d * torch.log(c[..., 0])
-        else:
-            c = m3 * m3 * lam + s23  # (1 or B, K, d)
-            z = torch.einsum("bki,kij->bkj", y, U) if self._kind == "full" else y
-            quad = (z * z / c) @ ones_d
-            logdet = torch.log(c) @ ones_d
-        lk = log_w - 0.5 * (quad + logdet)  # (B, K); constants cancel in r
+        (1|B, K, 1)) and the score :math:`s = \sum_k r_k s_k` (B, d); differentiable torch operations."""
+        log_w, _, _, U = self._params(x64.device)
+        z, c, q = self._component_terms(x64, m, s2)
+        lk = log_w - 0.5 * q  # (B, K); constants cancel in r
         e = torch.exp(lk - lk.detach().amax(dim=1, keepdim=True))  # softmax over k (the shift cancels;
         r = e / (e @ torch.ones(self.n_components, dtype=F64, device=x64.device))[:, None]  # 2.6x faster)
         zc = z / c
