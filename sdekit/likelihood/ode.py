@@ -258,7 +258,8 @@ class _AugmentedField(torch.nn.Module):
     identically, so the estimator is unchanged; for Gaussian probes its variance drops). The
     linear part is also combined in float64."""
 
-    def __init__(self, pf, dtype: torch.dtype, mode: str, probes: Optional[torch.Tensor], needs_graph: bool):
+    def __init__(self, pf, dtype: torch.dtype, mode: str, probes: Optional[torch.Tensor], needs_graph: bool,
+                 shape: Tuple[int, ...] = ()):
         super().__init__()
         self.pf = pf
         self.dtype = dtype
@@ -266,8 +267,8 @@ class _AugmentedField(torch.nn.Module):
         self.probes = probes
         self.needs_graph = needs_graph
         self.affine = getattr(pf.sde, "is_linear", False)
-        self.shape: Tuple[int, ...] = ()
-        self.d = 0
+        self.shape = tuple(shape)  # the data's shape (for the native integrator's flat state)
+        self.d = math.prod(self.shape[1:])
 
     def _divergence(self, out: torch.Tensor, xu: torch.Tensor, graph: bool) -> torch.Tensor:
         if self.mode == "exact":
@@ -521,7 +522,7 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
     if mode == "hutchinson":
         probes = draw_probes(tuple(x.shape), n_probes, probe, generator, x.dtype, x.device)
     K = n_probes if mode == "hutchinson" else 1
-    field_ = _AugmentedField(pf, x.dtype, mode, probes, needs_graph=wants_grad)
+    field_ = _AugmentedField(pf, x.dtype, mode, probes, needs_graph=wants_grad, shape=tuple(x.shape))
     y0 = (x.to(F64), torch.zeros(B, K, dtype=F64, device=x.device))
     native_blockers = []
     if method not in NATIVE_ADAPTIVE_METHODS:
@@ -544,7 +545,6 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
     t0 = time.perf_counter()
     try:
         if use_native:
-            field_.shape, field_.d = tuple(x.shape), d
             y0_flat = torch.cat([x.detach().reshape(B, d).to(F64), torch.zeros(B, K, dtype=F64, device=x.device)], 1)
             y1, info = integrate_adaptive(field_.flat, y0_flat, t_eps, sde.T, method=method, rtol=rtol, atol=atol,
                                           norm=norm, segments=(d,), max_steps=None if max_steps is None else
