@@ -159,3 +159,81 @@ def test_no_gradient_flows():
     y1, _ = integrate_adaptive(lambda t, y: -w * y, torch.ones(2, 2, dtype=F64), 0.0, 1.0, rtol=1e-6, atol=1e-6)
     assert not y1.requires_grad
     assert math.isclose(float(y1[0, 0]), math.exp(-0.7), rel_tol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# solve(..., method="dopri5" | "bosh3"): the native integrator on a probability-flow ODE
+# ---------------------------------------------------------------------------------------------
+S0 = 0.5
+
+
+class GaussScore(torch.nn.Module):
+    """Exact score -x / v(t) of data N(0, S0^2 I) under VP, v = m^2 S0^2 + sigma^2; records times."""
+
+    def __init__(self, sde):
+        super().__init__()
+        self.sde, self.ts = sde, []
+
+    def forward(self, x, t):
+        self.ts.append((float(t.min()), float(t.max())))
+        return -x / self.var(t[:1]).to(x.dtype)
+
+    def var(self, t):
+        m, s = self.sde.marginal(torch.as_tensor(t, dtype=F64))
+        return m * m * S0 * S0 + s * s
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3"])
+@pytest.mark.parametrize("t0,t1", [(1.0, 1e-3), (1e-3, 1.0)])
+def test_solve_native_exact_flow_same_steps_as_torchdiffeq(method, t0, t1):
+    import sdekit
+
+    sde = sdekit.VPSDE()
+    score = GaussScore(sde)
+    pf = sde.probability_flow(score, t_eps=1e-3)
+    x = torch.randn(32, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    sol = sdekit.solve(pf, x, t0, t1, method=method, rtol=1e-7, atol=1e-7)
+    exact = x * math.sqrt(float(score.var(t1) / score.var(t0)))  # the PF flow of Gaussian data
+    assert float((sol.x - exact).abs().max()) < 1e-5
+    assert min(a for a, _ in score.ts) >= 1e-3 and max(b for _, b in score.ts) <= 1.0
+    assert sol.stats.backend == "native" and sol.stats.nfe == len(score.ts) == 2 + \
+        NATIVE_ADAPTIVE_METHODS[method] * sol.stats.steps
+    ref = sdekit.solve(pf, x, t0, t1, method=f"torchdiffeq:{method}", rtol=1e-7, atol=1e-7)
+    assert (sol.stats.nfe, sol.stats.accepted, sol.stats.rejected) == (ref.stats.nfe, ref.stats.accepted,
+                                                                     ref.stats.rejected)
+    torch.testing.assert_close(sol.x, ref.x, rtol=1e-12, atol=1e-12)
+
+
+def test_solve_native_save_at_lands_on_the_times():
+    import sdekit
+
+    sde = sdekit.VPSDE()
+    score = GaussScore(sde)
+    pf = sde.probability_flow(score, t_eps=1e-3)
+    x = torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(4))
+    save = [1.0, 0.5, 0.1, 1e-3]
+    sol = sdekit.solve(pf, x, method="dopri5", rtol=1e-8, atol=1e-8, save_at=save)
+    assert sol.xs.shape == (4, 8, 2) and torch.equal(sol.xs[0], x) and torch.equal(sol.xs[-1], sol.x)
+    for k, t in enumerate(save):
+        exact = x * math.sqrt(float(score.var(t) / score.var(1.0)))
+        assert float((sol.xs[k] - exact).abs().max()) < 1e-6
+    assert any(abs(b - 0.5) < 1e-15 for _, b in score.ts)  # a step ended exactly on a save point
+
+
+def test_solve_native_limits_and_options():
+    import sdekit
+
+    sde = sdekit.VPSDE()
+    pf = sde.probability_flow(GaussScore(sde), t_eps=1e-3)
+    x = torch.ones(4, 2, dtype=F64)
+    with pytest.raises(SolverError, match="max_steps") as ei:
+        sdekit.solve(pf, x, method="dopri5", rtol=1e-10, atol=1e-10, max_steps=3)
+    assert ei.value.stats.steps == 3 and ei.value.stats.nfe == 2 + 6 * 3
+    with pytest.raises(SolverError, match="min_step"):
+        sdekit.solve(pf, x, method="dopri5", rtol=1e-10, atol=1e-10, min_step=0.05)
+    with pytest.raises(ValueError, match="unknown options"):
+        sdekit.solve(pf, x, method="dopri5", rtol=1e-5, atol=1e-5, jump_t=[0.5])
+    with pytest.raises(ValueError, match="rtol"):
+        sdekit.solve(pf, x, method="dopri5", atol=1e-5)
+    sol = sdekit.solve(pf, x, method="dopri5", rtol=1e-4, atol=1e-4, max_step=0.05)
+    assert sol.stats.accepted >= 20

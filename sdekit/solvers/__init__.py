@@ -8,7 +8,7 @@ from .stats import CountingFunction, Solution, SolverError, SolverStats
 from .grids import GRID_KINDS, make_grid
 from .brownian import BrownianPath
 # importing these modules registers their methods in METHODS
-from . import native, exponential, backend_torchdiffeq, backend_torchsde  # noqa: F401
+from . import native, exponential, adaptive, backend_torchdiffeq, backend_torchsde  # noqa: F401
 from .solve import solve
 
 __all__ = ["solve", "Solution", "SolverStats", "SolverError", "METHODS", "MethodInfo", "get_method",

@@ -31,6 +31,11 @@ next one), ``p`` the method's order.
 NFE is :math:`2 + s\,(\text{accepted} + \text{rejected})` with ``s`` = 6 (dopri5) or 3 (bosh3):
 one evaluation at the start, one initial-step probe, then ``s`` per attempted step (the first
 stage of a step reuses the last stage of the previous accepted step — both tableaus are FSAL).
+
+``solve(pf_ode, x, method="dopri5" | "bosh3", rtol=..., atol=...)`` runs the probability-flow ODE
+with this integrator (:func:`run_native_adaptive`); ``torchdiffeq:dopri5`` is the same steps through
+torchdiffeq. They differ only with ``save_at``: here a step is shortened to end on each save
+point, torchdiffeq interpolates its dense output there.
 """
 
 from __future__ import annotations
@@ -42,10 +47,12 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .backend_torchdiffeq import _initial_step
-from .stats import SolverError, SolverStats
+from ..dynamics import ProbabilityFlowODE
+from .backend_torchdiffeq import _counted_problem, _initial_step
+from .registry import MethodInfo, register
+from .stats import Solution, SolverError, SolverStats
 
-__all__ = ["integrate_adaptive", "NATIVE_ADAPTIVE_METHODS"]
+__all__ = ["integrate_adaptive", "run_native_adaptive", "NATIVE_ADAPTIVE_METHODS"]
 
 F64 = torch.float64
 
@@ -131,7 +138,8 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
                        t_start: float, t_end: float, *, method: str = "dopri5", rtol: float, atol: float,
                        norm: str = "batch", segments: Sequence[int] = (), first_step: Optional[float] = None,
                        max_step: float = math.inf, safety: float = 0.9, ifactor: float = 10.0,
-                       dfactor: float = 0.2, max_steps: Optional[int] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
+                       dfactor: float = 0.2, max_steps: Optional[int] = None, min_step: Optional[float] = None,
+                       save_at: Sequence[float] = ()) -> Tuple[torch.Tensor, Dict[str, Any]]:
     r"""Integrate ``dy/dt = func(t, y)`` from ``t_start`` to ``t_end``; return ``(y(t_end), info)``.
 
     Parameters
@@ -160,12 +168,19 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         Step-size controller settings (torchdiffeq's defaults).
     max_steps:
         Raise :class:`SolverError` after this many attempted steps.
+    min_step:
+        Raise :class:`SolverError` when the controller proposes a step below it.
+    save_at:
+        Times strictly between ``t_start`` and ``t_end`` at which to record the state. The step
+        that would cross one is shortened to end on it (as for ``t_end``; no interpolation), so
+        each save point can add a step compared with a solve without it.
 
     Returns
     -------
     y1, info
         The state at ``t_end`` (a new tensor) and a dict with ``nfe``, ``steps``, ``accepted``,
-        ``rejected``, ``first_step``, ``last_proposal``, ``t_min``, ``t_max``.
+        ``rejected``, ``first_step``, ``last_proposal``, ``t_min``, ``t_max`` and ``saved`` (the
+        states at ``save_at``, in the order given).
 
     Raises
     ------
@@ -190,6 +205,12 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral)
                                   or max_steps < 1):
         raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}")
+    if min_step is not None:
+        min_step = _positive(min_step, "min_step")
+    lo_, hi_ = min(t0, t_end), max(t0, t_end)
+    save_list = [float(v) for v in save_at]
+    if any(not (lo_ < v < hi_) for v in save_list):
+        raise ValueError(f"save_at times must lie strictly between t_start and t_end, got {save_list[:8]}")
     B, D = y0.shape
     bounds = [0] + [int(s) for s in segments] + [D]
     if any(not (0 < bounds[i] < bounds[i + 1]) for i in range(1, len(bounds) - 1)) or bounds[-2] >= D:
@@ -228,14 +249,19 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         t = t0
         accepted = rejected = 0
         y_flat = y.reshape(N)
+        # where steps must end: the save points in the direction of integration, then t_end
+        stops = sorted(set(save_list), reverse=direction < 0) + [t_end]
+        saved: Dict[float, torch.Tensor] = {}
+        k_stop = 0
         while t != t_end:
             if max_steps is not None and accepted + rejected >= max_steps:
                 fail(f"max_steps = {max_steps} attempted steps reached before t_end = {t_end} ({method})",
                      accepted + rejected, t, nfe, accepted, rejected)
             h = min(h, max_step)
             t1 = t + direction * h
-            if direction * (t1 - t_end) >= 0.0:  # the step that would reach or cross t_end ends there
-                t1 = t_end
+            target = stops[k_stop]
+            if direction * (t1 - target) >= 0.0:  # a step that would reach or cross a stop ends there
+                t1 = target
             hs = t1 - t  # signed step
             if hs == 0.0:
                 fail(f"the step size underflowed (h = {h:.3g} at t = {t!r}; {method})", accepted + rejected, t,
@@ -261,11 +287,82 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
                 t = t1
                 y_flat = yi
                 K[0].copy_(K[S - 1])
+                if t == target and t != t_end:
+                    saved[t] = y_flat.view(B, D).clone()
+                    k_stop += 1
             else:
                 rejected += 1
             floor = 1.0 if ratio < 1.0 else dfactor
             factor = ifactor if ratio == 0.0 else min(ifactor, max(safety / ratio ** exponent, floor))
             h = abs(hs) * factor
+            if min_step is not None and h < min_step and t != t_end:
+                fail(f"the step-size controller proposed h = {h:.3g} < min_step = {min_step:g} ({method})",
+                     accepted + rejected, t, nfe, accepted, rejected)
     info = {"nfe": nfe, "steps": accepted + rejected, "accepted": accepted, "rejected": rejected,
-            "first_step": first, "last_proposal": h, "t_min": lo, "t_max": hi}
+            "first_step": first, "last_proposal": h, "t_min": lo, "t_max": hi,
+            "saved": [saved[v] for v in save_list]}
     return y_flat.view(B, D), info
+
+
+_NATIVE_SOLVE_OPTIONS = ("first_step", "max_step", "safety", "ifactor", "dfactor")
+
+
+def run_native_adaptive(problem, x: torch.Tensor, t0: float, t1: float, *, info: MethodInfo, rtol: float,
+                        atol: float, save_at: Optional[torch.Tensor], generator=None, max_steps: Optional[int] = None,
+                        min_step: Optional[float] = None, norm: str = "batch", stats: Optional[SolverStats] = None,
+                        **options) -> Solution:
+    """``solve()``'s adaptive path for the native ``dopri5`` / ``bosh3`` on a :class:`ProbabilityFlowODE`.
+
+    NFE counts score calls. ``options``: ``first_step``, ``max_step``, ``safety``, ``ifactor``,
+    ``dfactor`` (as for torchdiffeq). ``generator`` is unused (deterministic). The state is
+    integrated in x's dtype, flattened to ``(B, d)``; gradients do not flow through the solve.
+    """
+    if not isinstance(problem, ProbabilityFlowODE):
+        raise TypeError(f"{info.name} integrates a ProbabilityFlowODE, got {type(problem).__name__}")
+    unknown = sorted(set(options) - set(_NATIVE_SOLVE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown options {unknown} for {info.name}; it takes {list(_NATIVE_SOLVE_OPTIONS)}")
+    stats = stats if stats is not None else SolverStats(method=info.name, backend="native")
+    p, counter = _counted_problem(problem)
+    shape, B = tuple(x.shape), x.shape[0]
+
+    def func(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return p(t, y.view(shape)).reshape(B, -1)
+
+    interior = []
+    if save_at is not None:
+        interior = sorted({v for v in save_at.tolist() if min(t0, t1) < v < max(t0, t1)})
+    try:
+        y, inf = integrate_adaptive(func, x.detach().reshape(B, -1), t0, t1, method=info.name, rtol=rtol, atol=atol,
+                                    norm=norm, max_steps=max_steps, min_step=min_step, save_at=interior, **options)
+    except SolverError as e:
+        if e.stats is not None:
+            stats.steps, stats.accepted, stats.rejected = e.stats.steps, e.stats.accepted, e.stats.rejected
+        stats.nfe = counter.count
+        e.stats = stats
+        raise
+    stats.nfe = counter.count
+    stats.steps, stats.accepted, stats.rejected = inf["steps"], inf["accepted"], inf["rejected"]
+    stats.backend = "native"
+    stats.extra.update(first_step=inf["first_step"], t_min=inf["t_min"], t_max=inf["t_max"])
+    sol = Solution(x=y.view(shape), stats=stats)
+    if save_at is not None:
+        at = dict(zip(interior, inf["saved"]))
+        rows = []
+        for v in save_at.tolist():
+            if abs(v - t0) <= 1e-12 * max(1.0, abs(t0)):
+                rows.append(x.detach().clone())
+            elif abs(v - t1) <= 1e-12 * max(1.0, abs(t1)):
+                rows.append(sol.x.clone())
+            else:
+                rows.append(at[v].view(shape))
+        sol.ts, sol.xs = save_at.clone(), torch.stack(rows)
+    return sol
+
+
+for _name, _order in (("dopri5", 5.0), ("bosh3", 3.0)):
+    register(MethodInfo(name=_name, problem="ode", noise=(), strong_order=_order, weak_order=None,
+                        evals_per_step=NATIVE_ADAPTIVE_METHODS[_name], adaptive=True, backend="native",
+                        stochastic=False, fn=run_native_adaptive,
+                        doc=f"native {_name} (adaptive; torchdiffeq's steps and NFE = 2 + "
+                            f"{NATIVE_ADAPTIVE_METHODS[_name]} x attempted steps, less bookkeeping)"))

@@ -42,7 +42,7 @@ def _check_compat(info: MethodInfo, problem, kind: str) -> None:
                          f"Use an SDE method (euler_maruyama, stochastic_heun, torchsde:...) or sde.probability_flow(score)")
     if info.problem == "sde" and kind != "sde":
         raise ValueError(f"method {info.name!r} solves SDEs; got a ProbabilityFlowODE. Use euler, heun, rk4, "
-                         f"dpm_solver_*, dpmpp_* or torchdiffeq:... for ODEs")
+                         f"dpm_solver_*, dpmpp_*, dopri5, bosh3 or torchdiffeq:... for ODEs")
     if info.problem == "score":
         if not hasattr(problem, "score_fn") or not getattr(problem.sde, "is_linear", False):
             raise ValueError(f"method {info.name!r} needs a ReverseSDE or ProbabilityFlowODE of a linear SDE "
@@ -97,7 +97,9 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
         A name from :data:`sdekit.solvers.METHODS`: native ``euler``, ``heun``, ``rk4``,
         ``euler_maruyama``, ``stochastic_heun``, ``reverse_diffusion``, ``ancestral``, ``pc``,
         ``ddim``, ``langevin``, ``annealed_langevin``, ``dpm_solver_1/2/3``, ``dpmpp_2m``,
-        ``dpmpp_3m``, ``dpmpp_2m_sde``, or ``torchdiffeq:<name>`` / ``torchsde:<name>``.
+        ``dpmpp_3m``, ``dpmpp_2m_sde``, the native adaptive ``dopri5`` / ``bosh3`` (torchdiffeq's
+        steps, less bookkeeping, no gradient through the solve), or ``torchdiffeq:<name>`` /
+        ``torchsde:<name>``.
     steps, dt, grid:
         Fixed-step methods: the number of steps (or a step ``dt`` → ``ceil(|Δt|/dt)`` uniform
         steps), and the grid kind (``"uniform"`` default; ``"log_snr"`` default for the
@@ -221,6 +223,8 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
             check_positive(min_step, "min_step")
         if info.backend == "torchdiffeq":
             from .backend_torchdiffeq import run_torchdiffeq as run
+        elif info.backend == "native":
+            from .adaptive import run_native_adaptive as run
         else:
             from .backend_torchsde import run_torchsde as run
         tic = time.perf_counter()
