@@ -186,8 +186,8 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     ------
     SolverError
         A non-finite error estimate (the state or the field became NaN/inf), a step size that
-        underflows, or ``max_steps`` exceeded — with the step index, the time reached and the
-        partial statistics.
+        underflows or is proposed below ``min_step``, or ``max_steps`` exceeded — with the step
+        index, the time reached and the partial statistics.
     """
     if method not in _TABLEAUS:
         raise ValueError(f"method must be one of {sorted(_TABLEAUS)}, got {method!r}")
@@ -207,9 +207,9 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}")
     if min_step is not None:
         min_step = _positive(min_step, "min_step")
-    lo_, hi_ = min(t0, t_end), max(t0, t_end)
+    lo, hi = min(t0, t_end), max(t0, t_end)
     save_list = [float(v) for v in save_at]
-    if any(not (lo_ < v < hi_) for v in save_list):
+    if any(not (lo < v < hi) for v in save_list):
         raise ValueError(f"save_at times must lie strictly between t_start and t_end, got {save_list[:8]}")
     B, D = y0.shape
     bounds = [0] + [int(s) for s in segments] + [D]
@@ -221,7 +221,6 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     S = len(tab.c) + 1
     N = B * D
     direction = 1.0 if t_end > t0 else -1.0
-    lo, hi = min(t0, t_end), max(t0, t_end)
     norm_fn = _SegmentNorm(bounds, per_sample=(norm == "per-sample"))
     rows = [torch.tensor(r, dtype=dt_, device=dev) for r in tab.a]
     e = torch.tensor(tab.e, dtype=dt_, device=dev)
