@@ -70,6 +70,15 @@ def _check_T(T) -> float:
     return check_positive(T, "T")
 
 
+def _check_range(lo, hi, lo_name: str, hi_name: str, strict: bool) -> Tuple[float, float]:
+    """Two positive schedule bounds with ``hi >= lo`` (``hi > lo`` if ``strict``)."""
+    a, b = check_positive(lo, lo_name), check_positive(hi, hi_name)
+    if b < a or (strict and b == a):
+        raise ValueError(f"{hi_name} must {'exceed' if strict else 'be >='} {lo_name}; got {lo_name}={lo}, "
+                         f"{hi_name}={hi}")
+    return a, b
+
+
 def _batch_time(t64: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The ``(B,)`` time tensor in the state's dtype handed to user callables of (x, t)."""
     return t64.to(dtype=x.dtype, device=x.device).expand(x.shape[0])
@@ -467,10 +476,7 @@ class _BetaScheduleSDE(LinearSDE):
     _kernel_cls = None
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0):
-        b0 = check_positive(beta_min, "beta_min")
-        b1 = check_positive(beta_max, "beta_max")
-        if b1 < b0:
-            raise ValueError(f"beta_max must be >= beta_min; got beta_min={beta_min}, beta_max={beta_max}")
+        b0, b1 = _check_range(beta_min, beta_max, "beta_min", "beta_max", strict=False)
         self.beta_min, self.beta_max = b0, b1
         super().__init__(T=T, kernel=self._kernel_cls(b0, b1, _check_T(T)))
 
@@ -501,10 +507,7 @@ class VESDE(LinearSDE):
     """
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, T: float = 1.0):
-        s0 = check_positive(sigma_min, "sigma_min")
-        s1 = check_positive(sigma_max, "sigma_max")
-        if s1 <= s0:
-            raise ValueError(f"sigma_max must exceed sigma_min; got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        s0, s1 = _check_range(sigma_min, sigma_max, "sigma_min", "sigma_max", strict=True)
         self.sigma_min, self.sigma_max = s0, s1
         super().__init__(T=T, kernel=K.VEKernel(s0, s1, _check_T(T)))
 

@@ -414,3 +414,9 @@ def test_score_time_derivative_still_exact():
     h = 1e-6
     fd = (gm.exact_score(sde)(x, 0.4 + h).sum() - gm.exact_score(sde)(x, 0.4 - h).sum()) / (2 * h)
     assert abs(float(ds_dt) - float(fd)) < 1e-6 * max(1.0, abs(float(fd)))
+
+
+def test_exact_score_analytic_vjp_must_be_bool():
+    _, gm = make("iso", 2, 2, 1)
+    with pytest.raises(TypeError, match="analytic_vjp must be True or False, got 'yes'"):
+        gm.exact_score(sdekit.VPSDE(), analytic_vjp="yes")

@@ -293,7 +293,7 @@ class _AugmentedField(torch.nn.Module):
             xv = xin if graph else x
             sv = s if graph else s.detach()
             v = a * xv + c * sv.to(F64)
-            div = (a * (xu[0].numel())) + c * (div_s if graph else div_s.detach()).to(F64)
+            div = a * self.d + c * (div_s if graph else div_s.detach()).to(F64)
             return v, div
         v, div = v.to(F64), div.to(F64)
         if not graph:

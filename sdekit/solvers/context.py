@@ -34,7 +34,9 @@ def _unaliased(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Coefs:
-    """Kernel coefficients at one time, as Python floats."""
+    r"""Kernel coefficients at one time, as Python floats. ``score_coef`` is :math:`c(t)` of the
+    problem's drift :math:`f(t)x + c(t)s(x, t)` (:meth:`~sdekit.dynamics.ProbabilityFlowODE.affine_coefficients`:
+    PF :math:`-g^2/2`, reverse SDE :math:`-(1+\eta^2)g^2/2`; 0 for a forward SDE)."""
 
     t: float
     m: float
@@ -43,6 +45,7 @@ class Coefs:
     g2: float
     lam: float
     eta: float
+    score_coef: float
 
 
 class Context:
@@ -99,7 +102,10 @@ class Context:
             eta = torch.as_tensor(eta, dtype=F64).expand_as(t)
             if not bool((torch.isfinite(eta) & (eta >= 0)).all()):
                 raise ValueError(f"eta(t) must be finite and >= 0 at every solver time; got {eta.tolist()[:8]}")
-        rows = torch.stack([m, s2.sqrt(), f, g2, lam, eta], 1).tolist()
+            # the drift's score coefficient from the one place that defines it
+            score_c = (self.problem.affine_coefficients(t)[1].expand_as(t) if self._mode in ("reverse", "pf")
+                       else torch.zeros_like(t))
+        rows = torch.stack([m, s2.sqrt(), f, g2, lam, eta, score_c], 1).tolist()
         for ti, r in zip(new, rows):
             self._coefs[ti] = Coefs(ti, *r)
 
@@ -128,20 +134,19 @@ class Context:
         return s
 
     def velocity(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        """Probability-flow velocity dx/dt = f x - g^2/2 * score (generic path for nonlinear SDEs)."""
+        """Probability-flow velocity dx/dt = f x - g^2/2 * score of a PF-ODE problem (generic path
+        for nonlinear SDEs)."""
         if self.linear:
             c = self._coefs.get(t) or self.coefs(t)
-            return torch.add(c.f * x, self.score(x, t), alpha=-0.5 * c.g2)  # one fused pass
+            return torch.add(c.f * x, self.score(x, t), alpha=c.score_coef)  # one fused pass
         return _unaliased(self.problem._drift(x, torch.tensor(t, dtype=F64, device=self.device)), x)
 
     def drift(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """Drift of the SDE problem (forward: f x; reverse: f x - (1+eta^2)/2 g^2 score)."""
         if self.linear:
             c = self._coefs.get(t) or self.coefs(t)
-            if self._mode == "reverse":
-                return torch.add(c.f * x, self.score(x, t), alpha=-0.5 * (1.0 + c.eta * c.eta) * c.g2)
-            if self._mode == "pf":
-                return torch.add(c.f * x, self.score(x, t), alpha=-0.5 * c.g2)
+            if self._mode in ("reverse", "pf"):
+                return torch.add(c.f * x, self.score(x, t), alpha=c.score_coef)
             self.counter.count += 1
             return c.f * x
         t64 = torch.tensor(t, dtype=F64, device=self.device)
