@@ -49,7 +49,7 @@ MIN_GROUP_CHANNELS = 4
 
 
 def group_count(channels: int, max_groups: int = MAX_GROUPS, min_group_channels: int = MIN_GROUP_CHANNELS) -> int:
-    """The largest divisor $g$ of ``channels`` with $g \le$ ``max_groups`` and at least
+    r"""The largest divisor $g$ of ``channels`` with $g \le$ ``max_groups`` and at least
     ``min_group_channels`` channels per group (1 if none: one group, i.e. LayerNorm over C, H, W)."""
     for g in range(min(max_groups, channels // min_group_channels), 0, -1):
         if channels % g == 0:
