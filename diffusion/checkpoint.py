@@ -38,7 +38,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -299,6 +299,10 @@ def _verify(manifest_path: Path) -> Tuple[Dict[str, Any], Path]:
     name = manifest["tensors_file"]
     if not isinstance(name, str) or Path(name).name != name:
         raise CheckpointError(f"{manifest_path}: tensors_file must be a file name, got {name!r}")
+    named = _step_of(manifest_path)
+    if named is not None and (manifest["step"] != named or name != _stem(named) + ".safetensors"):
+        raise CheckpointError(f"{manifest_path.name} records step {manifest['step']} and tensors {name!r}: it "
+                              f"belongs to another checkpoint (copied or renamed)")
     tensors_path = manifest_path.parent / name
     if not tensors_path.exists():
         raise CheckpointError(f"checkpoint {manifest_path} has no tensors: {tensors_path} is missing")

@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import random
-import warnings
 
 import numpy as np
 import pytest
