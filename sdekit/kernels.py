@@ -385,6 +385,7 @@ class DiscreteVPKernel(Kernel):
 
     def __init__(self, alphas_cumprod: torch.Tensor, T: float):
         a = torch.as_tensor(alphas_cumprod, dtype=F64).flatten()
+        self.alphas_cumprod = a.clone()  # the table itself, so a config can record it exactly
         self.T = float(T)
         self.N = a.numel()
         self.log_m_knots = torch.cat([torch.zeros(1, dtype=F64), 0.5 * torch.log(a)])
