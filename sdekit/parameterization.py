@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from ._validation import TimeLike, broadcast_to_data, check_state, check_time_range, time_for
+from ._validation import TimeLike, broadcast_to_data, check_positive, check_state, check_time_range, time_for
 from .dynamics import evaluate_score
 
 __all__ = [
@@ -31,6 +31,12 @@ __all__ = [
     "v_from_eps_x0",
     "tweedie_denoise",
     "tweedie_covariance",
+    "PREDICTIONS",
+    "convert_prediction",
+    "score_from_prediction",
+    "prediction_target",
+    "prediction_score_scale",
+    "edm_preconditioning",
 ]
 
 
@@ -141,3 +147,184 @@ def tweedie_covariance(score: Callable, sde, x_t: torch.Tensor, t: TimeLike) -> 
     m, sig = m.reshape(-1, 1, 1) if m.dim() else m, sig.reshape(-1, 1, 1) if sig.dim() else sig
     eye = torch.eye(d, dtype=x_t.dtype, device=x_t.device)
     return (sig * sig / (m * m)) * (eye + sig * sig * 0.5 * (H + H.transpose(1, 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor-level conversions for trained networks (diffusion.ScoreModel, diffusion.losses)
+# ---------------------------------------------------------------------------------------------
+#
+# A network predicts, at (x_t, t), one of four equivalent quantities; with x_t = m x0 + σ ε
+# (m, σ from the kernel) and the score s = -ε/σ of the Gaussian kernel:
+#   "eps":   ε̂;   "x0": x̂0 = E[x0|x_t];   "v": v̂ = m ε̂ - σ x̂0;   "score": ŝ = -ε̂/σ.
+# Each is an affine function of each other at fixed (x_t, t); the slope d s / d(prediction) is
+# `prediction_score_scale`, which turns a squared error in any space into one in score space.
+
+PREDICTIONS = ("eps", "x0", "v", "score")
+
+
+def _check_prediction(name: str, arg: str) -> str:
+    if not isinstance(name, str) or name not in PREDICTIONS:
+        raise ValueError(f"{arg} must be one of {PREDICTIONS}, got {name!r}")
+    return name
+
+
+def _t64_for(t: TimeLike, x: torch.Tensor) -> torch.Tensor:
+    return t.to(device=x.device, dtype=torch.float64) if isinstance(t, torch.Tensor) else \
+        torch.tensor(float(t), dtype=torch.float64, device=x.device)
+
+
+def convert_prediction(pred: torch.Tensor, x: torch.Tensor, sde, t: TimeLike, *, source: str,
+                       target: str) -> torch.Tensor:
+    r"""Convert a prediction at $(x_t, t)$ between the spaces ``"eps"``, ``"x0"``, ``"v"``, ``"score"``.
+
+    With $x_t = m x_0 + \sigma\varepsilon$: $\hat x_0 = (x_t - \sigma\hat\varepsilon)/m$,
+    $\hat\varepsilon = (x_t - m\hat x_0)/\sigma$, $\hat v = m\hat\varepsilon - \sigma\hat x_0$,
+    $\hat x_0 = (m x_t - \sigma\hat v)/(m^2 + \sigma^2)$, $\hat\varepsilon = (\sigma x_t + m\hat v)/(m^2 + \sigma^2)$,
+    $\hat s = -\hat\varepsilon/\sigma$ (and $\hat s = (m\hat x_0 - x_t)/\sigma^2$ for x0, Tweedie).
+
+    Parameters
+    ----------
+    pred:
+        The prediction, shaped like ``x``.
+    x:
+        The noisy state $x_t$, ``(B, ...)``.
+    sde:
+        A linear SDE (its kernel gives $m$, $\sigma$).
+    t:
+        A float or a ``(B,)`` tensor of times in $(0, T]$.
+    source, target:
+        Names from ``PREDICTIONS``.
+
+    Returns
+    -------
+    The prediction in ``target`` space, shaped like ``x``, in x's dtype.
+    """
+    _linear(sde)
+    source = _check_prediction(source, "source")
+    target = _check_prediction(target, "target")
+    if not isinstance(pred, torch.Tensor) or pred.shape != x.shape:
+        raise ValueError(f"pred must be a tensor shaped like x {tuple(x.shape)}, got "
+                         f"{getattr(pred, 'shape', type(pred).__name__)}")
+    if source == target:
+        return pred
+    m, s = _ms(sde, x, _t64_for(t, x))
+    # to (eps, x0) first: every conversion passes through the pair, written once here
+    if source == "eps":
+        eps, x0 = pred, None
+    elif source == "score":
+        eps, x0 = -s * pred, None
+    elif source == "x0":
+        eps, x0 = None, pred
+    else:  # v
+        r = m * m + s * s
+        eps, x0 = (s * x + m * pred) / r, (m * x - s * pred) / r
+    if target == "eps":
+        return eps if eps is not None else (x - m * x0) / s
+    if target == "score":
+        return -eps / s if eps is not None else (m * x0 - x) / (s * s)
+    if target == "x0":
+        return x0 if x0 is not None else (x - s * eps) / m
+    # v
+    if eps is None:
+        eps = (x - m * x0) / s
+    if x0 is None:
+        x0 = (x - s * eps) / m
+    return m * eps - s * x0
+
+
+def score_from_prediction(pred: torch.Tensor, x: torch.Tensor, sde, t: TimeLike, predict: str) -> torch.Tensor:
+    r"""The score $\hat s(x_t, t)$ from a prediction in ``predict`` space (`convert_prediction` to ``"score"``)."""
+    return convert_prediction(pred, x, sde, t, source=predict, target="score")
+
+
+def prediction_target(x0: torch.Tensor, eps: torch.Tensor, sde, t: TimeLike, predict: str) -> torch.Tensor:
+    r"""The denoising regression target in ``predict`` space for $x_t = m x_0 + \sigma\varepsilon$.
+
+    It is the conversion of the kernel's score $\nabla\log p(x_t|x_0) = -\varepsilon/\sigma$:
+    ``"eps"``: $\varepsilon$; ``"x0"``: $x_0$; ``"v"``: $m\varepsilon - \sigma x_0$;
+    ``"score"``: $-\varepsilon/\sigma$.
+    """
+    _linear(sde)
+    predict = _check_prediction(predict, "predict")
+    if predict == "eps":
+        return eps
+    if predict == "x0":
+        return x0
+    if predict == "v":
+        return v_from_eps_x0(eps, x0, sde, t)
+    _, s = _ms(sde, x0, _t64_for(t, x0))
+    return -eps / s
+
+
+def prediction_score_scale(sde, t: torch.Tensor, predict: str) -> torch.Tensor:
+    r"""The slope $a(t) = \partial\hat s/\partial\,\mathrm{prediction}$ of the score in a prediction (float64).
+
+    The conversions are affine with a scalar slope at each $t$, so a squared error in
+    ``predict`` space times $a^2$ is the squared error in score space:
+    ``"eps"``: $-1/\sigma$; ``"x0"``: $m/\sigma^2$; ``"v"``: $-m/(\sigma(m^2+\sigma^2))$;
+    ``"score"``: $1$.
+
+    Parameters
+    ----------
+    sde:
+        A linear SDE.
+    t:
+        float64 tensor of times (any shape).
+    predict:
+        A name from ``PREDICTIONS``.
+    """
+    _linear(sde)
+    predict = _check_prediction(predict, "predict")
+    t = t.to(torch.float64)
+    ker = sde.kernel
+    if predict == "score":
+        return torch.ones_like(t)
+    s = ker.sigma(t)
+    if predict == "eps":
+        return -1.0 / s
+    m = ker.m(t)
+    if predict == "x0":
+        return m / (s * s)
+    return -m / (s * (m * m + s * s))
+
+
+def edm_preconditioning(sde, t: torch.Tensor, sigma_data: float):
+    r"""EDM's preconditioning (Karras et al. 2022) for any linear SDE, from the kernel; float64.
+
+    In the scaled variable $\tilde x = x_t/m = x_0 + \bar\sigma\varepsilon$ with
+    $\bar\sigma = \sigma/m = e^{-\lambda/2}$, EDM's denoiser is
+    $D = c_{skip}\tilde x + c_{out}F(c_{in}^{EDM}\tilde x)$ with
+    $c_{skip} = \sigma_d^2/(\bar\sigma^2+\sigma_d^2)$, $c_{out} = \bar\sigma\sigma_d/\sqrt{\bar\sigma^2+\sigma_d^2}$,
+    $c_{in}^{EDM} = 1/\sqrt{\bar\sigma^2+\sigma_d^2}$. Written on $x_t$:
+
+    $$D(x_t) = c_{skip}\,\frac{x_t}{m} + c_{out}\,F(c_{in}x_t,\ \log\bar\sigma),\qquad
+      c_{in} = \frac{1}{m\sqrt{\bar\sigma^2+\sigma_d^2}} = \frac{1}{\sqrt{\sigma^2 + m^2\sigma_d^2}},$$
+
+    so $c_{in}x_t$ has unit variance for data of variance $\sigma_d^2$ and $F$'s regression target
+    $(x_0 - c_{skip}x_t/m)/c_{out}$ has unit variance too. For VE ($m = 1$) these are EDM's own.
+
+    Parameters
+    ----------
+    sde:
+        A linear SDE.
+    t:
+        float64 tensor of times in $(0, T]$.
+    sigma_data:
+        $\sigma_d > 0$, the data's standard deviation per coordinate.
+
+    Returns
+    -------
+    (c_in, c_skip, c_out, m):
+        float64 tensors shaped like ``t`` ($m$ for the $x_t/m$ of the skip connection).
+    """
+    _linear(sde)
+    sd = check_positive(sigma_data, "sigma_data")
+    t = t.to(torch.float64)
+    ker = sde.kernel
+    m = ker.m(t)
+    sbar2 = torch.exp(-ker.log_snr(t))  # σ̄² = σ²/m²
+    r = sbar2 + sd * sd
+    c_skip = sd * sd / r
+    c_out = torch.sqrt(sbar2) * sd / torch.sqrt(r)
+    c_in = 1.0 / (m * torch.sqrt(r))
+    return c_in, c_skip, c_out, m
