@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import sdekit
-from sdekit.solvers import (GRID_KINDS, METHODS, MethodRow, MethodTable, Plan, SolverError, integrate_ode,
-                            make_plan, method_table, solve)
+from sdekit.solvers import (GRID_KINDS, METHODS, MethodRow, MethodTable, Plan, integrate_ode, make_plan,
+                            method_table, solve)
 from sdekit.solvers.registry import PROBLEM_KINDS, STEPPING_MODES
 
 F64 = torch.float64

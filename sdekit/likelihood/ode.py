@@ -10,14 +10,14 @@ so integrating the augmented state :math:`(x_t, \Delta_t)`, :math:`d\Delta/dt = 
 
 .. math:: \log p_{t_\varepsilon}(x) = \log p_T(z) + \Delta_T,\qquad z = x_T .
 
-:func:`log_likelihood` does exactly this with :func:`sdekit.solvers.backend_torchdiffeq.odeint_counted`
-(the one door to torchdiffeq), with an exact or Hutchinson divergence (:mod:`.divergence`), an
+:func:`log_likelihood` does exactly this through :func:`sdekit.solvers.integrate_ode` (which runs
+the native integrator or torchdiffeq, see ``backend``), with an exact or Hutchinson divergence (:mod:`.divergence`), an
 optional adjoint backward pass, and the prior of the process (or a better-matched Gaussian, see
 :class:`GaussianDataPrior`). The derivation, the estimator's variance and worked numbers are in
 ``docs/likelihood.md``.
 
 **Precision.** The whole solver state is float64 even for float32 data: torchdiffeq flattens a
-tuple state into one tensor (one dtype), and :func:`odeint_counted` refuses mixed dtypes, so a
+tuple state into one tensor (one dtype), and ``odeint_counted`` refuses mixed dtypes, so a
 float64 :math:`\Delta` next to a float32 :math:`x` is not possible. The score (and the divergence)
 are evaluated in the data's dtype — the network's precision — and cast to float64 for the
 integrator, so :math:`\Delta` accumulates in float64 and the step-size control sees float64 states.
@@ -414,7 +414,8 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
         Extra solver options (``first_step``, ``max_step``, ``safety``, ``ifactor``, ``dfactor``;
         the torchdiffeq backend accepts its other options too).
     backend:
-        Which integrator runs the solve. ``"native"``: :func:`sdekit.solvers.adaptive.integrate_adaptive`
+        Which integrator runs the solve (chosen by :func:`sdekit.solvers.integrate_ode`).
+        ``"native"``: :func:`sdekit.solvers.adaptive.integrate_adaptive`
         — the same Dormand–Prince / Bogacki–Shampine steps, controller and NFE as torchdiffeq, with
         less per-step bookkeeping (faster for cheap scores and small states); available for
         ``dopri5`` and ``bosh3`` when no gradient is needed. ``"torchdiffeq"``:

@@ -1,8 +1,8 @@
-"""Validators for method options and solver arguments (private to :mod:`sdekit.solvers`).
+"""Validators for method options and solver arguments (private to `sdekit.solvers`).
 
 Each ``*_check`` factory returns ``check(value)`` that raises ``ValueError`` naming the option;
 the type (real, integer, bool, string) is checked first by
-:meth:`sdekit.solvers.registry.Option.validate`.
+`sdekit.solvers.registry.Option.validate`.
 """
 
 from __future__ import annotations

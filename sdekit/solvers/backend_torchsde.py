@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 import torchsde

@@ -1,8 +1,8 @@
-"""The driver of every fixed-step native method: build the :class:`~sdekit.solvers.context.Context`
+"""The driver of every fixed-step native method: build the `sdekit.solvers.context.Context`
 from the plan, run the method's loop, collect the statistics and save points.
 
-A fixed-step method is declared with :func:`grid_method`: its body ``body(ctx, x, **options) -> x``
-is a short loop over ``ctx.ts`` (see :mod:`sdekit.solvers.native`); its options and their
+A fixed-step method is declared with `grid_method`: its body ``body(ctx, x, **options) -> x``
+is a short loop over ``ctx.ts`` (see `sdekit.solvers.native`); its options and their
 defaults come from the body's signature and the declared types and validators.
 """
 

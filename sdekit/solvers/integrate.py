@@ -2,9 +2,9 @@ r"""``integrate_ode``: integrate a batch-first ODE $dy/dt = F(t, y)$ with an ada
 Runge–Kutta method, choosing the backend.
 
 The public entry point for callers that integrate their own vector field (the likelihood's
-augmented state $(x, \Delta)$) rather than a :class:`~sdekit.ProbabilityFlowODE`. It runs
-the native integrator (:func:`sdekit.solvers.adaptive.integrate_adaptive`) or torchdiffeq
-(:func:`sdekit.solvers.backend_torchdiffeq.odeint_counted`); both take the same steps and make the
+augmented state $(x, \Delta)$) rather than a `sdekit.ProbabilityFlowODE`. It runs
+the native integrator (`sdekit.solvers.adaptive.integrate_adaptive`) or torchdiffeq
+(`sdekit.solvers.backend_torchdiffeq.odeint_counted`); both take the same steps and make the
 same number of evaluations for ``dopri5`` / ``bosh3`` (tested).
 """
 
@@ -43,23 +43,23 @@ def integrate_ode(field: Callable[[torch.Tensor, State], State], y0: State, t_st
     y0:
         A batch-first floating tensor or a tuple of them (same batch size, dtype and device).
     method, rtol, atol:
-        An adaptive method from :data:`ODE_METHODS` and positive tolerances.
+        An adaptive method from `ODE_METHODS` and positive tolerances.
     norm:
         ``"batch"``, ``"per-sample"`` or (torchdiffeq adjoint only) ``"seminorm"``; for a tuple
         state the RMS of each component, then the max (torchdiffeq's mixed norm).
     backend:
-        ``"native"``: :func:`~sdekit.solvers.adaptive.integrate_adaptive` (``dopri5``, ``bosh3``;
-        no gradient through the solve; the options in :data:`NATIVE_OPTIONS`). ``"torchdiffeq"``:
-        :func:`~sdekit.solvers.backend_torchdiffeq.odeint_counted` (any method, backpropagation,
+        ``"native"``: `sdekit.solvers.adaptive.integrate_adaptive` (``dopri5``, ``bosh3``;
+        no gradient through the solve; the options in `NATIVE_OPTIONS`). ``"torchdiffeq"``:
+        `sdekit.solvers.backend_torchdiffeq.odeint_counted` (any method, backpropagation,
         ``adjoint=True``). ``"auto"``: native where it applies and the state is on the CPU (on
         CUDA the native path works but has not been timed yet, so it is opt-in there), else
         torchdiffeq.
     needs_grad:
         The caller backpropagates through the solve (rules out the native integrator).
     adjoint, adjoint_params:
-        torchdiffeq's adjoint backward pass (see :func:`odeint_counted`).
+        torchdiffeq's adjoint backward pass (see `odeint_counted`).
     max_steps:
-        Raise :class:`~sdekit.SolverError` after this many attempted steps.
+        Raise `sdekit.SolverError` after this many attempted steps.
     options:
         Solver options (``first_step``, ``max_step``, ``safety``, ``ifactor``, ``dfactor``; the
         torchdiffeq backend accepts its other options too).

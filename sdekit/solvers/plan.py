@@ -1,7 +1,7 @@
 """The normalised plan of a solve, computed once before any work (in the spirit of diffrax).
 
-:func:`make_plan` turns the arguments of :func:`sdekit.solve` into a frozen :class:`Plan`: the
-method (:class:`~sdekit.solvers.registry.MethodInfo`) and its validated options, the time
+`make_plan` turns the arguments of `sdekit.solve` into a frozen `Plan`: the
+method (`sdekit.solvers.registry.MethodInfo`) and its validated options, the time
 direction and end points, the stepping mode and its grid / step / tolerances, the save points,
 the limits, the noise source. Every rule that depends on the problem, the method and the
 arguments together lives here; a method's ``run(plan, x)`` only does the work.
@@ -30,7 +30,7 @@ F64 = torch.float64
 _NORMS = ("batch", "per-sample")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Plan:
     """Everything a method needs to know about a solve, decided once.
 
@@ -57,7 +57,7 @@ class Plan:
     options:
         Every option of the method, validated, defaults filled in (read-only).
     max_steps, min_step, norm, generator, brownian, check_every, denoise:
-        As passed to :func:`sdekit.solve`, validated.
+        As passed to `sdekit.solve`, validated.
     """
 
     problem: Any
@@ -105,7 +105,7 @@ def make_plan(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: 
               denoise: bool = False, max_steps: Optional[int] = None, min_step: Optional[float] = None,
               norm: str = "batch", rho: float = 7.0, check_every: Optional[int] = None, brownian=None,
               options: Optional[Mapping[str, Any]] = None) -> Plan:
-    """Validate the arguments of :func:`sdekit.solve` and return the :class:`Plan` (see there for
+    """Validate the arguments of `sdekit.solve` and return the `Plan` (see there for
     the parameters). Raises ``ValueError``/``TypeError`` naming the argument; does no work."""
     info = get_method(method)
     kind = _problem_kind(problem)

@@ -2,7 +2,7 @@
 randomness and options, and the one function that runs it.
 
 Every method — native loop, native adaptive integrator, torchdiffeq or torchsde — is a
-:class:`MethodInfo` in :data:`METHODS`. :func:`sdekit.solvers.plan.make_plan` validates a request
+`MethodInfo` in `METHODS`. `sdekit.solvers.plan.make_plan` validates a request
 against it once (problem kind, noise kind, stepping mode, options) and ``method.run(plan, x)``
 does the work; there is no other route. Method names are public API.
 """
@@ -10,11 +10,10 @@ does the work; there is no other route. Method names are public API.
 from __future__ import annotations
 
 import inspect
-import math
 import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 __all__ = ["Option", "MethodInfo", "MethodRow", "MethodTable", "METHODS", "register", "get_method", "method_table",
            "options_of", "STEPPING_MODES", "PROBLEM_KINDS"]
@@ -106,7 +105,7 @@ class MethodInfo:
     backend:
         ``"native"``, ``"torchdiffeq"`` or ``"torchsde"``.
     stepping:
-        The stepping modes, from :data:`STEPPING_MODES`; the first is the default. A method with
+        The stepping modes, from `STEPPING_MODES`; the first is the default. A method with
         two modes declares a bool option ``adaptive`` that selects ``"adaptive"``.
     default_grid:
         The grid kind used when ``grid`` is not given (``"uniform"`` or ``"log_snr"``), for
@@ -116,15 +115,15 @@ class MethodInfo:
         Whether the method can draw random numbers.
     stochastic_option:
         If set, the method draws random numbers only when this option is > 0 (``ddim``'s and
-        ``dpmpp_2m_sde``'s ``eta``, ``heun``'s ``churn``); see :meth:`is_stochastic`.
+        ``dpmpp_2m_sde``'s ``eta``, ``heun``'s ``churn``); see `is_stochastic`.
     options:
-        The method's keyword options (:class:`Option`): name, type, default, validator.
+        The method's keyword options (`Option`): name, type, default, validator.
     run:
         ``run(plan, x) -> Solution``: the one calling convention (``plan`` from
-        :func:`~sdekit.solvers.plan.make_plan`).
+        `sdekit.solvers.plan.make_plan`).
     body:
         Fixed-step native methods: the update loop ``body(ctx, x, **options) -> x`` that ``run``
-        drives (see :mod:`sdekit.solvers.fixed`); ``None`` for the others.
+        drives (see `sdekit.solvers.fixed`); ``None`` for the others.
     fixed_level:
         The method samples at one noise level (``t_start == t_end``; the grid repeats it).
     check:
@@ -201,7 +200,7 @@ METHODS: Dict[str, MethodInfo] = {}
 
 
 def register(info: MethodInfo) -> MethodInfo:
-    """Add ``info`` to :data:`METHODS` (its name must be new)."""
+    """Add ``info`` to `METHODS` (its name must be new)."""
     if info.name in METHODS:
         raise ValueError(f"method {info.name!r} is already registered")
     METHODS[info.name] = info
@@ -221,7 +220,7 @@ def get_method(name: str) -> MethodInfo:
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MethodRow:
-    """One row of :func:`method_table`: the declarations of a method as plain data."""
+    """One row of `method_table`: the declarations of a method as plain data."""
 
     name: str
     problem: str
@@ -256,7 +255,7 @@ _HEADER = ["method", "problem", "noise", "order (strong/weak)", "evals/step", "s
 
 
 class MethodTable(tuple):
-    """The registry as a tuple of :class:`MethodRow`; ``str()`` (or ``format("markdown")``) is
+    """The registry as a tuple of `MethodRow`; ``str()`` (or ``format("markdown")``) is
     the markdown table printed in the docs."""
 
     def format(self, fmt: str = "markdown") -> str:
@@ -274,7 +273,7 @@ class MethodTable(tuple):
 
 
 def method_table() -> MethodTable:
-    """The registry as data: one :class:`MethodRow` per method, in registration order.
+    """The registry as data: one `MethodRow` per method, in registration order.
 
     ``print(method_table())`` prints the markdown table of the docs.
     """

@@ -1,9 +1,9 @@
 """``solve``: one entry point for every method, fixed-step or adaptive, native or backend.
 
-``solve`` is three lines of work: :func:`~sdekit.solvers.plan.make_plan` validates and normalises
+``solve`` is three lines of work: `sdekit.solvers.plan.make_plan` validates and normalises
 the request once (method, problem, direction, grid, save points, limits, options), the method's
-``run(plan, x)`` integrates (native loops in :mod:`sdekit.solvers.native` /
-:mod:`sdekit.solvers.exponential` through :mod:`sdekit.solvers.fixed`, the native adaptive
+``run(plan, x)`` integrates (native loops in `sdekit.solvers.native` /
+`sdekit.solvers.exponential` through `sdekit.solvers.fixed`, the native adaptive
 integrator, the torchdiffeq and torchsde backends), and a common tail denoises and times it.
 """
 
@@ -34,8 +34,8 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
     Parameters
     ----------
     problem:
-        A forward :class:`~sdekit.SDE`, a :class:`~sdekit.ReverseSDE` or a
-        :class:`~sdekit.ProbabilityFlowODE`.
+        A forward `sdekit.SDE`, a `sdekit.ReverseSDE` or a
+        `sdekit.ProbabilityFlowODE`.
     x:
         Initial state, batch first, any rank, any floating dtype.
     t_start, t_end:
@@ -43,7 +43,7 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
         (forward SDE: 0 → T; reverse SDE / PF ODE: T → t_eps). ``t_start > t_end`` works for every method that allows it (ODE methods go
         both ways; a ReverseSDE only runs backwards, a forward SDE only forwards).
     method:
-        A name from :data:`sdekit.solvers.METHODS`: native ``euler``, ``heun``, ``rk4``,
+        A name from `sdekit.solvers.METHODS`: native ``euler``, ``heun``, ``rk4``,
         ``euler_maruyama``, ``stochastic_heun``, ``reverse_diffusion``, ``ancestral``, ``pc``,
         ``ddim``, ``langevin``, ``annealed_langevin``, ``dpm_solver_1/2/3``, ``dpmpp_2m``,
         ``dpmpp_3m``, ``dpmpp_2m_sde``, the native adaptive ``dopri5`` / ``bosh3`` (torchdiffeq's
@@ -53,7 +53,7 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
         Fixed-step methods: the number of steps (or a step ``dt`` → ``ceil(|Δt|/dt)`` uniform
         steps), and the grid kind (``"uniform"`` default; ``"log_snr"`` default for the
         exponential integrators; ``"edm"``, ``"quadratic"`` or a tensor of times, see
-        :mod:`sdekit.solvers.grids`).
+        `sdekit.solvers.grids`).
     rtol, atol:
         Adaptive methods: required (no library default is used silently).
     save_at:
@@ -62,10 +62,10 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
         A ``torch.Generator`` or a list of one generator per sample (a sample's noise then never
         depends on the batch it is in).
     brownian:
-        A :class:`~sdekit.solvers.BrownianPath` driving ``euler_maruyama`` / ``stochastic_heun``
+        A `sdekit.solvers.BrownianPath` driving ``euler_maruyama`` / ``stochastic_heun``
         (the same path for every step count: strong-error studies).
     denoise:
-        Finish with Tweedie's :math:`\hat x_0 = (x + \sigma^2 \hat s)/m` at ``t_end`` (counted).
+        Finish with Tweedie's $\hat x_0 = (x + \sigma^2 \hat s)/m$ at ``t_end`` (counted).
     max_steps, min_step, norm:
         Adaptive-backend controls (``norm``: ``"batch"`` RMS or ``"per-sample"``, where the
         worst sample meets the tolerance).
@@ -73,9 +73,14 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
         Native methods check for non-finite states every ``check_every`` steps (default: every
         step on CPU; on CUDA a device-side flag checked once at the end, no host sync per step).
     **options:
-        Method-specific options (e.g. ``eta`` for ddim, ``churn`` for heun, ``snr`` and
-        ``n_corrector`` for pc; ``predict``, ``r1``, ``r2``, ``lower_order_final``, ``published_form``
-        and ``eta`` for the DPM-Solver family).
+        The method's options, as declared in the registry (``METHODS[method].options``: name,
+        type, default, validator; listed by ``method_table()``), e.g. ``eta`` for ddim, ``churn``
+        for heun, ``snr`` and ``n_corrector`` for pc; ``predict``, ``r1``, ``r2``,
+        ``lower_order_final``, ``published_form`` and ``eta`` for the DPM-Solver family; the
+        controller options for the adaptive methods; ``adaptive``, ``force``, ``bm`` for
+        torchsde; ``adjoint``, ``adjoint_params`` for torchdiffeq. An unknown option raises
+        ``ValueError`` naming the method and listing its options; a value of the wrong type
+        ``TypeError``.
 
     Returns
     -------
