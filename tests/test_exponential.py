@@ -258,7 +258,7 @@ def test_vp_and_numeric_kernel_with_vp_schedule_agree():
 def test_default_grid_is_log_snr():
     pf, x0, t0, t1, _ = gaussian_case("custom", "sample")
     for method in ("dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"):
-        assert getattr(METHODS[method].fn, "default_grid", None) == "log_snr"
+        assert METHODS[method].default_grid == "log_snr"
     a = solve(pf, x0, method="dpmpp_2m", steps=12).x
     b = solve(pf, x0, method="dpmpp_2m", steps=12, grid="log_snr").x
     c = solve(pf, x0, method="dpmpp_2m", steps=12, grid="uniform").x

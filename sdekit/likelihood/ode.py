@@ -10,14 +10,14 @@ so integrating the augmented state :math:`(x_t, \Delta_t)`, :math:`d\Delta/dt = 
 
 .. math:: \log p_{t_\varepsilon}(x) = \log p_T(z) + \Delta_T,\qquad z = x_T .
 
-:func:`log_likelihood` does exactly this with :func:`sdekit.solvers.backend_torchdiffeq.odeint_counted`
-(the one door to torchdiffeq), with an exact or Hutchinson divergence (:mod:`.divergence`), an
+:func:`log_likelihood` does exactly this through :func:`sdekit.solvers.integrate_ode` (which runs
+the native integrator or torchdiffeq, see ``backend``), with an exact or Hutchinson divergence (:mod:`.divergence`), an
 optional adjoint backward pass, and the prior of the process (or a better-matched Gaussian, see
 :class:`GaussianDataPrior`). The derivation, the estimator's variance and worked numbers are in
 ``docs/likelihood.md``.
 
 **Precision.** The whole solver state is float64 even for float32 data: torchdiffeq flattens a
-tuple state into one tensor (one dtype), and :func:`odeint_counted` refuses mixed dtypes, so a
+tuple state into one tensor (one dtype), and ``odeint_counted`` refuses mixed dtypes, so a
 float64 :math:`\Delta` next to a float32 :math:`x` is not possible. The score (and the divergence)
 are evaluated in the data's dtype — the network's precision — and cast to float64 for the
 integrator, so :math:`\Delta` accumulates in float64 and the step-size control sees float64 states.
@@ -36,8 +36,7 @@ import torch
 from .._validation import check_positive, check_state, short
 from ..dynamics import evaluate_score
 from ..processes import SDE, LinearSDE
-from ..solvers.adaptive import NATIVE_ADAPTIVE_METHODS, integrate_adaptive
-from ..solvers.backend_torchdiffeq import ADAPTIVE_METHODS, odeint_counted
+from ..solvers.integrate import ODE_BACKENDS, ODE_METHODS, integrate_ode
 from ..solvers.stats import CountingFunction, SolverError, SolverStats
 from .divergence import (
     PROBES,
@@ -51,9 +50,7 @@ __all__ = ["log_likelihood", "LikelihoodResult", "GaussianDataPrior", "DIVERGENC
 
 F64 = torch.float64
 DIVERGENCES = ("auto", "exact", "hutchinson")
-BACKENDS = ("auto", "native", "torchdiffeq")
-# torchdiffeq options the native integrator understands (same meaning)
-_NATIVE_OPTIONS = {"first_step", "max_step", "safety", "ifactor", "dfactor"}
+BACKENDS = ODE_BACKENDS
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -267,7 +264,7 @@ class _AugmentedField(torch.nn.Module):
         self.probes = probes
         self.needs_graph = needs_graph
         self.affine = getattr(pf.sde, "is_linear", False)
-        self.shape = tuple(shape)  # the data's shape (for the native integrator's flat state)
+        self.shape = tuple(shape)  # the data's shape
         self.d = math.prod(self.shape[1:])
 
     def _divergence(self, out: torch.Tensor, xu: torch.Tensor, graph: bool) -> torch.Tensor:
@@ -299,12 +296,6 @@ class _AugmentedField(torch.nn.Module):
         if not graph:
             v, div = v.detach(), div.detach()
         return v, div
-
-    def flat(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The same field on the native integrator's ``(B, d + K)`` state ``[x | Δ]``."""
-        B = y.shape[0]
-        v, div = self.forward(t, (y[:, :self.d].reshape(self.shape), None))
-        return torch.cat([v.reshape(B, -1), div], 1)
 
 
 def _graph_leaves(out: torch.Tensor, exclude: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -423,7 +414,8 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
         Extra solver options (``first_step``, ``max_step``, ``safety``, ``ifactor``, ``dfactor``;
         the torchdiffeq backend accepts its other options too).
     backend:
-        Which integrator runs the solve. ``"native"``: :func:`sdekit.solvers.adaptive.integrate_adaptive`
+        Which integrator runs the solve (chosen by :func:`sdekit.solvers.integrate_ode`).
+        ``"native"``: :func:`sdekit.solvers.adaptive.integrate_adaptive`
         — the same Dormand–Prince / Bogacki–Shampine steps, controller and NFE as torchdiffeq, with
         less per-step bookkeeping (faster for cheap scores and small states); available for
         ``dopri5`` and ``bosh3`` when no gradient is needed. ``"torchdiffeq"``:
@@ -455,7 +447,81 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
     >>> res = log_likelihood(sde, gm.exact_score(sde), x, divergence="exact")
     >>> err = (res.log_prob - gm.exact_log_prob(sde)(x, 1e-5)).abs().max()
     """
-    # ---- validation (before any work) ---------------------------------------------------------------
+    req = _request(sde, score, x, t_eps, method, rtol, atol, divergence, probe, n_probes, generator, adjoint, norm,
+                   prior, exact_dim_limit, max_steps, params, backend)
+    x, t_eps, mode, K, d, B = req.x, req.t_eps, req.mode, req.n_probes, req.d, int(req.x.shape[0])
+
+    # ---- set up ----------------------------------------------------------------------------------
+    counter = CountingFunction(score)
+    pf = sde.probability_flow(counter, t_eps)
+    pf.check_inputs = False  # the integrators keep every t in [t_eps, T]
+    probes = draw_probes(tuple(x.shape), K, probe, generator, x.dtype, x.device) if mode == "hutchinson" else None
+    field_ = _AugmentedField(pf, x.dtype, mode, probes, needs_graph=req.wants_grad, shape=tuple(x.shape))
+    y0 = (x.to(F64), torch.zeros(B, K, dtype=F64, device=x.device))
+    tic = time.perf_counter()
+    try:
+        (z64, delta), info = integrate_ode(
+            field_, y0, t_eps, sde.T, method=method, rtol=req.rtol, atol=req.atol,
+            norm="seminorm" if adjoint and norm == "batch" else norm, backend=backend, needs_grad=req.wants_grad,
+            adjoint=adjoint, adjoint_params=tuple(p for p in req.params if p.requires_grad) if adjoint else None,
+            max_steps=max_steps, options=options)
+    except SolverError as e:
+        if e.stats is not None:
+            e.stats.extra["score_calls"] = counter.count
+        raise
+    prior_lp = req.prior_fn(z64)
+    if not isinstance(prior_lp, torch.Tensor) or tuple(prior_lp.shape) != (B,):
+        raise ValueError(f"prior log_prob(z) must return a (B,) = ({B},) tensor, got "
+                         f"{getattr(prior_lp, 'shape', type(prior_lp).__name__)}")
+    prior_lp = prior_lp.to(F64)
+    delta_mean = delta.mean(1)
+    log_prob = prior_lp + delta_mean
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    wall = time.perf_counter() - tic
+    if not bool(torch.isfinite(log_prob.detach()).all()):
+        bad = int((~torch.isfinite(log_prob.detach())).sum())
+        raise SolverError(f"log_prob is non-finite for {bad} sample(s) (prior log density {short(prior_lp)}); "
+                          f"z may lie outside the prior's support", step=info["steps"], t=sde.T)
+    if mode == "exact":
+        stderr = torch.zeros(B, dtype=F64, device=x.device)
+    elif K == 1:
+        stderr = torch.full((B,), math.inf, dtype=F64, device=x.device)
+    else:
+        stderr = delta.detach().std(1, unbiased=True) / math.sqrt(K)
+    native = info["backend"] == "native"
+    stats = SolverStats(nfe=info["nfe"], steps=info["steps"], accepted=info["accepted"], rejected=info["rejected"],
+                        wall_time=wall, backend=info["backend"], method=method if native else f"torchdiffeq:{method}")
+    stats.extra.update(divergence=mode, vectors_per_eval=d if mode == "exact" else K, score_calls=counter.count,
+                       preflight_evals=1, first_step=info.get("first_step"), t_min=info["t_min"],
+                       t_max=info["t_max"], prior=req.prior_desc, adjoint=info["adjoint"], dim=d)
+    return LikelihoodResult(log_prob=log_prob, prior_log_prob=prior_lp, delta_log_prob=delta_mean,
+                            z=z64.to(x.dtype), stderr=stderr, stats=stats, divergence=mode,
+                            n_probes=K if mode == "hutchinson" else 0,
+                            probe=probe if mode == "hutchinson" else None, delta_per_probe=delta, dim=d,
+                            t_eps=t_eps)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """The validated arguments of one :func:`log_likelihood` call."""
+
+    x: torch.Tensor
+    t_eps: float
+    rtol: float
+    atol: float
+    mode: str  # "exact" or "hutchinson"
+    n_probes: int  # K: 1 for exact
+    d: int
+    params: Tuple[torch.Tensor, ...]
+    wants_grad: bool
+    prior_fn: Callable[[torch.Tensor], torch.Tensor]
+    prior_desc: str
+
+
+def _request(sde, score, x, t_eps, method, rtol, atol, divergence, probe, n_probes, generator, adjoint, norm, prior,
+             exact_dim_limit, max_steps, params, backend) -> _Request:
+    """Validate :func:`log_likelihood`'s arguments (before the solve; one preflight score call)."""
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be a sdekit.SDE, got {type(sde).__name__}")
     if not callable(score):
@@ -464,8 +530,8 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
     t_eps = check_positive(t_eps, "t_eps")
     if not t_eps < sde.T:
         raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}); got t_eps={t_eps!r}")
-    if not isinstance(method, str) or method not in ADAPTIVE_METHODS:
-        raise ValueError(f"method must be an adaptive torchdiffeq method, one of {sorted(ADAPTIVE_METHODS)}; "
+    if not isinstance(method, str) or method not in ODE_METHODS:
+        raise ValueError(f"method must be an adaptive torchdiffeq method, one of {sorted(ODE_METHODS)}; "
                          f"got {method!r}")
     rtol = check_positive(rtol, "rtol")
     atol = check_positive(atol, "atol")
@@ -475,10 +541,9 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
     if isinstance(n_probes, bool) or not isinstance(n_probes, numbers.Integral) or n_probes < 1:
         raise ValueError(f"n_probes must be a positive integer, got {n_probes!r}")
-    n_probes = int(n_probes)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    adjoint = _check_bool(adjoint, "adjoint")
+    _check_bool(adjoint, "adjoint")
     if norm not in ("batch", "per-sample"):
         raise ValueError(f"norm must be 'batch' or 'per-sample', got {norm!r}")
     if backend not in BACKENDS:
@@ -494,17 +559,7 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
                          f"SDE with a differentiable diffusion_divergence=(x, t) -> div(G G^T)")
     prior_fn, prior_desc = _resolve_prior(prior, sde)
     d = int(x[0].numel())
-    B = int(x.shape[0])
-    mode = divergence
-    if mode == "auto":
-        mode = "exact" if d <= exact_dim_limit else "hutchinson"
-    elif mode == "exact" and d > exact_dim_limit:
-        raise ValueError(
-            f"divergence='exact' at data dimension d = {d} needs {d} vector-Jacobian products (backward passes "
-            f"of the score) per function evaluation, i.e. roughly {d}x the cost of a Hutchinson solve (hours for "
-            f"image data); exact_dim_limit = {exact_dim_limit}. Use divergence='hutchinson' (unbiased; raise "
-            f"n_probes to shrink the error, result.stderr measures it), or pass exact_dim_limit={d} if you "
-            f"really want the exact trace")
+    mode = _divergence_mode(divergence, d, exact_dim_limit)
     if params is not None:
         params = tuple(params)
         if not all(isinstance(p, torch.Tensor) for p in params):
@@ -513,85 +568,19 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
     if params is None:
         params = found
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    return _Request(x, t_eps, rtol, atol, mode, int(n_probes) if mode == "hutchinson" else 1, d, params, wants_grad,
+                    prior_fn, prior_desc)
 
-    # ---- set up ----------------------------------------------------------------------------------
-    counter = CountingFunction(score)
-    pf = sde.probability_flow(counter, t_eps)
-    pf.check_inputs = False  # odeint_counted keeps every t in [t_eps, T]
-    probes = None
-    if mode == "hutchinson":
-        probes = draw_probes(tuple(x.shape), n_probes, probe, generator, x.dtype, x.device)
-    K = n_probes if mode == "hutchinson" else 1
-    field_ = _AugmentedField(pf, x.dtype, mode, probes, needs_graph=wants_grad, shape=tuple(x.shape))
-    y0 = (x.to(F64), torch.zeros(B, K, dtype=F64, device=x.device))
-    native_blockers = []
-    if method not in NATIVE_ADAPTIVE_METHODS:
-        native_blockers.append(f"method={method!r} (native: {sorted(NATIVE_ADAPTIVE_METHODS)})")
-    if adjoint:
-        native_blockers.append("adjoint=True")
-    if wants_grad:
-        native_blockers.append("a gradient is wanted (x or the score's parameters require grad under grad mode)")
-    unknown = sorted(set(options or {}) - _NATIVE_OPTIONS)
-    if unknown:
-        native_blockers.append(f"torchdiffeq-only options {unknown}")
-    if backend == "native" and native_blockers:
-        raise ValueError(f"backend='native' cannot run this solve: {'; '.join(native_blockers)}. "
-                         f"Use backend='torchdiffeq' or 'auto'")
-    # "auto" picks the native integrator on the CPU only: on CUDA the published throughput
-    # (docs/benchmarks.md) was measured with torchdiffeq and the native path is not yet timed there
-    use_native = not native_blockers and (backend == "native" or (backend == "auto" and x.device.type == "cpu"))
-    stats = SolverStats(backend="native" if use_native else "torchdiffeq",
-                        method=method if use_native else f"torchdiffeq:{method}")
-    t0 = time.perf_counter()
-    try:
-        if use_native:
-            y0_flat = torch.cat([x.detach().reshape(B, d).to(F64), torch.zeros(B, K, dtype=F64, device=x.device)], 1)
-            y1, info = integrate_adaptive(field_.flat, y0_flat, t_eps, sde.T, method=method, rtol=rtol, atol=atol,
-                                          norm=norm, segments=(d,), max_steps=None if max_steps is None else
-                                          int(max_steps), **(options or {}))
-            info["adjoint"] = None
-            z64, delta = y1[:, :d].reshape(x.shape), y1[:, d:]
-        else:
-            solver_norm = norm
-            if adjoint:
-                solver_norm = "seminorm" if norm == "batch" else norm
-            (z64, delta), _, info = odeint_counted(
-                field_, y0, t_eps, sde.T, method=method, rtol=rtol, atol=atol, norm=solver_norm,
-                max_steps=None if max_steps is None else int(max_steps), adjoint=adjoint,
-                adjoint_params=tuple(p for p in params if p.requires_grad) if adjoint else None, options=options)
-    except SolverError as e:
-        if e.stats is not None:
-            e.stats.extra["score_calls"] = counter.count
-        raise
-    prior_lp = prior_fn(z64)
-    if not isinstance(prior_lp, torch.Tensor) or tuple(prior_lp.shape) != (B,):
-        raise ValueError(f"prior log_prob(z) must return a (B,) = ({B},) tensor, got "
-                         f"{getattr(prior_lp, 'shape', type(prior_lp).__name__)}")
-    prior_lp = prior_lp.to(F64)
-    delta_mean = delta.mean(1)
-    log_prob = prior_lp + delta_mean
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-    wall = time.perf_counter() - t0
-    if not bool(torch.isfinite(log_prob.detach()).all()):
-        bad = int((~torch.isfinite(log_prob.detach())).sum())
-        raise SolverError(f"log_prob is non-finite for {bad} sample(s) (prior log density {short(prior_lp)}); "
-                          f"z may lie outside the prior's support", step=info["steps"], t=sde.T)
-    if mode == "exact":
-        stderr = torch.zeros(B, dtype=F64, device=x.device)
-    elif K == 1:
-        stderr = torch.full((B,), math.inf, dtype=F64, device=x.device)
-    else:
-        stderr = delta.detach().std(1, unbiased=True) / math.sqrt(K)
 
-    stats.nfe = info["nfe"]
-    stats.steps, stats.accepted, stats.rejected = info["steps"], info["accepted"], info["rejected"]
-    stats.wall_time = wall
-    stats.extra.update(divergence=mode, vectors_per_eval=d if mode == "exact" else K, score_calls=counter.count,
-                       preflight_evals=1, first_step=info.get("first_step"), t_min=info["t_min"],
-                       t_max=info["t_max"], prior=prior_desc, adjoint=info["adjoint"], dim=d)
-    return LikelihoodResult(log_prob=log_prob, prior_log_prob=prior_lp, delta_log_prob=delta_mean,
-                            z=z64.to(x.dtype), stderr=stderr, stats=stats, divergence=mode,
-                            n_probes=K if mode == "hutchinson" else 0,
-                            probe=probe if mode == "hutchinson" else None, delta_per_probe=delta, dim=d,
-                            t_eps=t_eps)
+def _divergence_mode(divergence: str, d: int, exact_dim_limit: int) -> str:
+    """``"exact"`` or ``"hutchinson"`` (what ``"auto"`` resolves to at dimension ``d``)."""
+    if divergence == "auto":
+        return "exact" if d <= exact_dim_limit else "hutchinson"
+    if divergence == "exact" and d > exact_dim_limit:
+        raise ValueError(
+            f"divergence='exact' at data dimension d = {d} needs {d} vector-Jacobian products (backward passes "
+            f"of the score) per function evaluation, i.e. roughly {d}x the cost of a Hutchinson solve (hours for "
+            f"image data); exact_dim_limit = {exact_dim_limit}. Use divergence='hutchinson' (unbiased; raise "
+            f"n_probes to shrink the error, result.stderr measures it), or pass exact_dim_limit={d} if you "
+            f"really want the exact trace")
+    return divergence

@@ -40,21 +40,22 @@ point, torchdiffeq interpolates its dense output there.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..dynamics import ProbabilityFlowODE
-from .backend_torchdiffeq import _counted_problem, _initial_step
-from .registry import MethodInfo, register
-from .stats import Solution, SolverError, SolverStats
+from ._checks import positive, positive_or_inf
+from .registry import MethodInfo, Option, register
+from .stats import Solution, SolverError, SolverStats, counted_problem
 
-__all__ = ["integrate_adaptive", "run_native_adaptive", "NATIVE_ADAPTIVE_METHODS"]
+__all__ = ["integrate_adaptive", "initial_step", "run_native_adaptive", "NATIVE_ADAPTIVE_METHODS", "CONTROLLER_OPTIONS"]
 
 F64 = torch.float64
+State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,59 @@ class _SegmentNorm:
             parts = [r2[:, a:b].mean() for a, b in self.blocks] if len(self.blocks) > 1 else [r2.mean()]
         m = parts[0] if len(parts) == 1 else torch.stack(parts).max()
         return m.sqrt()
+
+
+def _tol_like(tol, y: State):
+    if isinstance(y, torch.Tensor):
+        return tol
+    if isinstance(tol, (tuple, list)):
+        return tuple(tol)
+    return tuple(tol for _ in y)
+
+
+def initial_step(mon, y0: State, t0: float, t1: float, order: int, rtol, atol, norm: Callable,
+                  grad: bool) -> Tuple[float, State]:
+    """The first step size: torchdiffeq's ``_select_initial_step`` (Hairer–Nørsett–Wanner II.4) with
+    the probe distance clamped, ``h0 <= |t1 - t0|``, so the probe stays inside the interval.
+
+    ``mon.call_direct(t, y)`` is a counted evaluation at a float time; ``y0`` a tensor or a tuple
+    of tensors (``rtol``/``atol`` then scalars or tuples); ``norm`` the error norm. Returns the
+    first step (a positive float) and ``f0 = f(t0, y0)`` (computed with grad mode ``grad``, so a
+    caller can reuse it as its first evaluation). Two counted evaluations. Used by
+    :func:`integrate_adaptive` and by the torchdiffeq backend.
+    """
+    direction = 1.0 if t1 > t0 else -1.0
+    length = abs(t1 - t0)
+    with torch.set_grad_enabled(grad):
+        f0 = mon.call_direct(t0, y0)
+    with torch.no_grad():
+        if isinstance(y0, torch.Tensor):
+            scale = atol + y0.abs() * rtol
+            d0, d1 = float(norm(y0 / scale)), float(norm(f0 / scale))
+        else:
+            rt, at = _tol_like(rtol, y0), _tol_like(atol, y0)
+            scale = tuple(a + c.abs() * r for c, r, a in zip(y0, rt, at))
+            d0 = float(norm(tuple(c / s for c, s in zip(y0, scale))))
+            d1 = float(norm(tuple(c / s for c, s in zip(f0, scale))))
+        h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
+        h0 = min(abs(h0), length)  # the one change: the probe stays in [t_end, t_start]
+        if isinstance(y0, torch.Tensor):
+            y1 = y0 + (direction * h0) * f0
+        else:
+            y1 = tuple(c + (direction * h0) * f for c, f in zip(y0, f0))
+        f1 = mon.call_direct(t0 + direction * h0, y1)
+        if isinstance(y0, torch.Tensor):
+            d2 = float(norm((f1 - f0) / scale)) / h0
+        else:
+            d2 = float(norm(tuple((a - b) / s for a, b, s in zip(f1, f0, scale)))) / h0
+        if d1 <= 1e-15 and d2 <= 1e-15:
+            h1 = max(1e-6, h0 * 1e-3)
+        else:
+            h1 = (0.01 / max(d1, d2)) ** (1.0 / float(order))
+    first = min(100.0 * h0, h1, length)
+    if not math.isfinite(first) or first <= 0.0:
+        first = length * 1e-3
+    return first, f0
 
 
 class _Counted:
@@ -189,6 +243,37 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         underflows or is proposed below ``min_step``, or ``max_steps`` exceeded — with the step
         index, the time reached and the partial statistics.
     """
+    cfg = _config(method, y0, rtol, atol, norm, t_start, t_end, segments, first_step, max_step, safety, ifactor,
+                  dfactor, max_steps, min_step, save_at)
+    with torch.no_grad():
+        return _integrate(func, y0, cfg)
+
+
+@dataclass(frozen=True)
+class _Config:
+    """The validated settings of one :func:`integrate_adaptive` call."""
+
+    tab: _Tableau
+    method: str
+    rtol: float
+    atol: float
+    t0: float
+    t_end: float
+    bounds: Tuple[int, ...]
+    per_sample: bool
+    first_step: Optional[float]
+    max_step: float
+    safety: float
+    ifactor: float
+    dfactor: float
+    max_steps: Optional[int]
+    min_step: Optional[float]
+    save_at: Tuple[float, ...]
+
+
+def _config(method, y0, rtol, atol, norm, t_start, t_end, segments, first_step, max_step, safety, ifactor, dfactor,
+            max_steps, min_step, save_at) -> _Config:
+    """Validate :func:`integrate_adaptive`'s arguments (before any evaluation)."""
     if method not in _TABLEAUS:
         raise ValueError(f"method must be one of {sorted(_TABLEAUS)}, got {method!r}")
     if not isinstance(y0, torch.Tensor) or y0.dim() != 2 or not y0.is_floating_point():
@@ -197,8 +282,8 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     rtol, atol = _positive(rtol, "rtol"), _positive(atol, "atol")
     if norm not in ("batch", "per-sample"):
         raise ValueError(f"norm must be 'batch' or 'per-sample', got {norm!r}")
-    t0, t_end = float(t_start), float(t_end)
-    if not (math.isfinite(t0) and math.isfinite(t_end)) or t0 == t_end:
+    t0, t1 = float(t_start), float(t_end)
+    if not (math.isfinite(t0) and math.isfinite(t1)) or t0 == t1:
         raise ValueError(f"t_start and t_end must be finite and distinct, got {t_start!r}, {t_end!r}")
     max_step = _positive(max_step, "max_step", allow_inf=True)
     safety, ifactor, dfactor = _positive(safety, "safety"), _positive(ifactor, "ifactor"), _positive(dfactor, "dfactor")
@@ -207,133 +292,139 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}")
     if min_step is not None:
         min_step = _positive(min_step, "min_step")
-    lo, hi = min(t0, t_end), max(t0, t_end)
-    save_list = [float(v) for v in save_at]
+    if first_step is not None:
+        first_step = _positive(first_step, "first_step")
+    lo, hi = min(t0, t1), max(t0, t1)
+    save_list = tuple(float(v) for v in save_at)
     if any(not (lo < v < hi) for v in save_list):
-        raise ValueError(f"save_at times must lie strictly between t_start and t_end, got {save_list[:8]}")
-    B, D = y0.shape
-    bounds = [0] + [int(s) for s in segments] + [D]
+        raise ValueError(f"save_at times must lie strictly between t_start and t_end, got {list(save_list[:8])}")
+    D = y0.shape[1]
+    bounds = (0,) + tuple(int(s) for s in segments) + (D,)
     if any(not (0 < bounds[i] < bounds[i + 1]) for i in range(1, len(bounds) - 1)) or bounds[-2] >= D:
         raise ValueError(f"segments must be increasing column indices inside (0, {D}), got {tuple(segments)!r}")
+    return _Config(_TABLEAUS[method], method, rtol, atol, t0, t1, bounds, norm == "per-sample", first_step,
+                   max_step, safety, ifactor, dfactor, max_steps, min_step, save_list)
 
-    tab = _TABLEAUS[method]
+
+def _integrate(func: Callable, y0: torch.Tensor, cfg: _Config) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """The stepping loop of :func:`integrate_adaptive` (arguments validated; runs under no_grad)."""
+    tab, method, t0, t_end = cfg.tab, cfg.method, cfg.t0, cfg.t_end
+    B, D = y0.shape
     dev, dt_ = y0.device, y0.dtype
     S = len(tab.c) + 1
     N = B * D
+    lo, hi = min(t0, t_end), max(t0, t_end)
     direction = 1.0 if t_end > t0 else -1.0
-    norm_fn = _SegmentNorm(bounds, per_sample=(norm == "per-sample"))
+    norm_fn = _SegmentNorm(cfg.bounds, per_sample=cfg.per_sample)
     rows = [torch.tensor(r, dtype=dt_, device=dev) for r in tab.a]
     e = torch.tensor(tab.e, dtype=dt_, device=dev)
     exponent = 1.0 / tab.order
     stats = SolverStats(backend="native", method=method)
 
-    def fail(msg: str, step: int, t: float, nfe: int, acc: int, rej: int):
-        stats.nfe, stats.steps, stats.accepted, stats.rejected = nfe, acc + rej, acc, rej
-        raise SolverError(msg, step=step, t=t, stats=stats)
+    def fail(msg: str, t: float):
+        stats.nfe, stats.steps, stats.accepted, stats.rejected = nfe, accepted + rejected, accepted, rejected
+        raise SolverError(msg + f" ({method})", step=accepted + rejected, t=t, stats=stats)
 
-    with torch.no_grad():
-        y = y0.detach().clone()
-        K = torch.empty(S, N, dtype=dt_, device=dev)
-        counted = _Counted(func, dev)
-        if first_step is None:
-            h, f0 = _initial_step(counted, y, t0, t_end, tab.order, rtol, atol, norm_fn, grad=False)
+    y = y0.detach().clone()
+    K = torch.empty(S, N, dtype=dt_, device=dev)
+    counted = _Counted(func, dev)
+    if cfg.first_step is None:
+        h, f0 = initial_step(counted, y, t0, t_end, tab.order, cfg.rtol, cfg.atol, norm_fn, grad=False)
+    else:
+        h = min(cfg.first_step, hi - lo)
+        f0 = counted.call_direct(t0, y)
+    first = h
+    nfe = counted.nfe
+    if tuple(f0.shape) != (B, D):
+        raise ValueError(f"func(t, y) must return shape {(B, D)}, got {tuple(f0.shape)}")
+    K[0].copy_(f0.reshape(N))
+    t = t0
+    accepted = rejected = 0
+    y_flat = y.reshape(N)
+    # where steps must end: the save points in the direction of integration, then t_end
+    stops = sorted(set(cfg.save_at), reverse=direction < 0) + [t_end]
+    saved: Dict[float, torch.Tensor] = {}
+    k_stop = 0
+    while t != t_end:
+        if cfg.max_steps is not None and accepted + rejected >= cfg.max_steps:
+            fail(f"max_steps = {cfg.max_steps} attempted steps reached before t_end = {t_end}", t)
+        h = min(h, cfg.max_step)
+        t1 = t + direction * h
+        target = stops[k_stop]
+        if direction * (t1 - target) >= 0.0:  # a step that would reach or cross a stop ends there
+            t1 = target
+        hs = t1 - t  # signed step
+        if hs == 0.0:
+            fail(f"the step size underflowed (h = {h:.3g} at t = {t!r})", t)
+        # the stage times, in one host-to-device transfer per step (not one per evaluation)
+        tstage = torch.tensor([t1 if ci == 1.0 else min(max(t + ci * hs, lo), hi) for ci in tab.c],
+                              dtype=F64, device=dev)
+        yi = y_flat
+        for i in range(S - 1):
+            yi = torch.addmv(y_flat, K[:i + 1].t(), rows[i], alpha=hs)
+            f = func(tstage[i], yi.view(B, D))
+            K[i + 1].copy_(f.reshape(N))
+        nfe += S - 1
+        # FSAL: the last stage state is the new solution (its row of ``a`` is b)
+        err = torch.mv(K.t(), e).mul_(hs)
+        tol = torch.maximum(y_flat.abs(), yi.abs()).mul_(cfg.rtol).add_(cfg.atol)
+        ratio = float(norm_fn(err.div_(tol).view(B, D)))
+        if not math.isfinite(ratio):
+            fail(f"the error estimate is not finite ({ratio!r}): the state or the vector field became NaN/inf", t)
+        if ratio <= 1.0:
+            accepted += 1
+            t = t1
+            y_flat = yi
+            K[0].copy_(K[S - 1])
+            if t == target and t != t_end:
+                saved[t] = y_flat.view(B, D).clone()
+                k_stop += 1
         else:
-            h = min(_positive(first_step, "first_step"), hi - lo)
-            f0 = counted.call_direct(t0, y)
-        first = h
-        nfe = counted.nfe
-        if tuple(f0.shape) != (B, D):
-            raise ValueError(f"func(t, y) must return shape {(B, D)}, got {tuple(f0.shape)}")
-        K[0].copy_(f0.reshape(N))
-        t = t0
-        accepted = rejected = 0
-        y_flat = y.reshape(N)
-        # where steps must end: the save points in the direction of integration, then t_end
-        stops = sorted(set(save_list), reverse=direction < 0) + [t_end]
-        saved: Dict[float, torch.Tensor] = {}
-        k_stop = 0
-        while t != t_end:
-            if max_steps is not None and accepted + rejected >= max_steps:
-                fail(f"max_steps = {max_steps} attempted steps reached before t_end = {t_end} ({method})",
-                     accepted + rejected, t, nfe, accepted, rejected)
-            h = min(h, max_step)
-            t1 = t + direction * h
-            target = stops[k_stop]
-            if direction * (t1 - target) >= 0.0:  # a step that would reach or cross a stop ends there
-                t1 = target
-            hs = t1 - t  # signed step
-            if hs == 0.0:
-                fail(f"the step size underflowed (h = {h:.3g} at t = {t!r}; {method})", accepted + rejected, t,
-                     nfe, accepted, rejected)
-            # the stage times, in one host-to-device transfer per step (not one per evaluation)
-            tstage = torch.tensor([t1 if ci == 1.0 else min(max(t + ci * hs, lo), hi) for ci in tab.c],
-                                  dtype=F64, device=dev)
-            yi = y_flat
-            for i in range(S - 1):
-                yi = torch.addmv(y_flat, K[:i + 1].t(), rows[i], alpha=hs)
-                f = func(tstage[i], yi.view(B, D))
-                K[i + 1].copy_(f.reshape(N))
-            nfe += S - 1
-            # FSAL: the last stage state is the new solution (its row of ``a`` is b)
-            err = torch.mv(K.t(), e).mul_(hs)
-            tol = torch.maximum(y_flat.abs(), yi.abs()).mul_(rtol).add_(atol)
-            ratio = float(norm_fn(err.div_(tol).view(B, D)))
-            if not math.isfinite(ratio):
-                fail(f"the error estimate is not finite ({ratio!r}): the state or the vector field became NaN/inf "
-                     f"({method})", accepted + rejected, t, nfe, accepted, rejected)
-            if ratio <= 1.0:
-                accepted += 1
-                t = t1
-                y_flat = yi
-                K[0].copy_(K[S - 1])
-                if t == target and t != t_end:
-                    saved[t] = y_flat.view(B, D).clone()
-                    k_stop += 1
-            else:
-                rejected += 1
-            floor = 1.0 if ratio < 1.0 else dfactor
-            factor = ifactor if ratio == 0.0 else min(ifactor, max(safety / ratio ** exponent, floor))
-            h = abs(hs) * factor
-            if min_step is not None and h < min_step and t != t_end:
-                fail(f"the step-size controller proposed h = {h:.3g} < min_step = {min_step:g} ({method})",
-                     accepted + rejected, t, nfe, accepted, rejected)
+            rejected += 1
+        floor = 1.0 if ratio < 1.0 else cfg.dfactor
+        factor = cfg.ifactor if ratio == 0.0 else min(cfg.ifactor, max(cfg.safety / ratio ** exponent, floor))
+        h = abs(hs) * factor
+        if cfg.min_step is not None and h < cfg.min_step and t != t_end:
+            fail(f"the step-size controller proposed h = {h:.3g} < min_step = {cfg.min_step:g}", t)
     info = {"nfe": nfe, "steps": accepted + rejected, "accepted": accepted, "rejected": rejected,
             "first_step": first, "last_proposal": h, "t_min": lo, "t_max": hi,
-            "saved": [saved[v] for v in save_list]}
+            "saved": [saved[v] for v in cfg.save_at]}
     return y_flat.view(B, D), info
 
 
-_NATIVE_SOLVE_OPTIONS = ("first_step", "max_step", "safety", "ifactor", "dfactor")
+def _controller_options(first_step_doc: str) -> Tuple[Option, ...]:
+    """The step-size controller options shared by the native and torchdiffeq adaptive methods
+    (defaults: :func:`integrate_adaptive`'s, which are torchdiffeq's)."""
+    sig = inspect.signature(integrate_adaptive).parameters
+    return (Option("first_step", float, None, positive("first_step"), first_step_doc),
+            Option("max_step", float, sig["max_step"].default, positive_or_inf("max_step"), "largest step"),
+            Option("safety", float, sig["safety"].default, positive("safety"), "controller safety factor"),
+            Option("ifactor", float, sig["ifactor"].default, positive("ifactor"), "largest step growth"),
+            Option("dfactor", float, sig["dfactor"].default, positive("dfactor"), "largest step shrink"))
 
 
-def run_native_adaptive(problem, x: torch.Tensor, t0: float, t1: float, *, info: MethodInfo, rtol: float,
-                        atol: float, save_at: Optional[torch.Tensor], generator=None, max_steps: Optional[int] = None,
-                        min_step: Optional[float] = None, norm: str = "batch", stats: Optional[SolverStats] = None,
-                        **options) -> Solution:
-    """``solve()``'s adaptive path for the native ``dopri5`` / ``bosh3`` on a :class:`ProbabilityFlowODE`.
+CONTROLLER_OPTIONS = _controller_options("first step (default: the initial-step heuristic)")
 
-    NFE counts score calls. ``options``: ``first_step``, ``max_step``, ``safety``, ``ifactor``,
-    ``dfactor`` (as for torchdiffeq). ``generator`` is unused (deterministic). The state is
-    integrated in x's dtype, flattened to ``(B, d)``; gradients do not flow through the solve.
+
+def run_native_adaptive(plan, x: torch.Tensor) -> Solution:
+    """``run`` of the native ``dopri5`` / ``bosh3`` on a :class:`ProbabilityFlowODE`.
+
+    NFE counts score calls. The state is integrated in x's dtype, flattened to ``(B, d)``;
+    gradients do not flow through the solve. ``plan.options``: the controller options.
     """
-    if not isinstance(problem, ProbabilityFlowODE):
-        raise TypeError(f"{info.name} integrates a ProbabilityFlowODE, got {type(problem).__name__}")
-    unknown = sorted(set(options) - set(_NATIVE_SOLVE_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown options {unknown} for {info.name}; it takes {list(_NATIVE_SOLVE_OPTIONS)}")
-    stats = stats if stats is not None else SolverStats(method=info.name, backend="native")
-    p, counter = _counted_problem(problem)
+    problem, info, t0, t1 = plan.problem, plan.method, plan.t_start, plan.t_end
+    stats = SolverStats(method=info.name, backend="native")
+    p, counter = counted_problem(problem, check_inputs=False)  # every t stays in [t_end, t_start]
     shape, B = tuple(x.shape), x.shape[0]
 
     def func(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return p(t, y.view(shape)).reshape(B, -1)
 
-    interior = []
-    if save_at is not None:
-        interior = sorted({v for v in save_at.tolist() if min(t0, t1) < v < max(t0, t1)})
+    interior = plan.save_interior()
     try:
-        y, inf = integrate_adaptive(func, x.detach().reshape(B, -1), t0, t1, method=info.name, rtol=rtol, atol=atol,
-                                    norm=norm, max_steps=max_steps, min_step=min_step, save_at=interior, **options)
+        y, inf = integrate_adaptive(func, x.detach().reshape(B, -1), t0, t1, method=info.name, rtol=plan.rtol,
+                                    atol=plan.atol, norm=plan.norm, max_steps=plan.max_steps, min_step=plan.min_step,
+                                    save_at=interior, **plan.options)
     except SolverError as e:
         if e.stats is not None:
             stats.steps, stats.accepted, stats.rejected = e.stats.steps, e.stats.accepted, e.stats.rejected
@@ -342,26 +433,32 @@ def run_native_adaptive(problem, x: torch.Tensor, t0: float, t1: float, *, info:
         raise
     stats.nfe = counter.count
     stats.steps, stats.accepted, stats.rejected = inf["steps"], inf["accepted"], inf["rejected"]
-    stats.backend = "native"
     stats.extra.update(first_step=inf["first_step"], t_min=inf["t_min"], t_max=inf["t_max"])
     sol = Solution(x=y.view(shape), stats=stats)
-    if save_at is not None:
-        at = dict(zip(interior, inf["saved"]))
-        rows = []
-        for v in save_at.tolist():
-            if abs(v - t0) <= 1e-12 * max(1.0, abs(t0)):
-                rows.append(x.detach().clone())
-            elif abs(v - t1) <= 1e-12 * max(1.0, abs(t1)):
-                rows.append(sol.x.clone())
-            else:
-                rows.append(at[v].view(shape))
-        sol.ts, sol.xs = save_at.clone(), torch.stack(rows)
+    if plan.save_at is not None:
+        at = {v: s.view(shape) for v, s in zip(interior, inf["saved"])}
+        sol.ts, sol.xs = plan.save_at.clone(), stack_saved(plan, x, sol.x, at)
     return sol
+
+
+def stack_saved(plan, x0: torch.Tensor, x1: torch.Tensor, interior: Dict[float, torch.Tensor]) -> torch.Tensor:
+    """The states at ``plan.save_at`` (in the order given), stacked: ``x0`` at ``t_start``, ``x1``
+    at ``t_end`` and ``interior[t]`` in between."""
+    t0, t1 = plan.t_start, plan.t_end
+    rows = []
+    for v in plan.save_at.tolist():
+        if abs(v - t0) <= 1e-12 * max(1.0, abs(t0)):
+            rows.append(x0.detach().clone())
+        elif abs(v - t1) <= 1e-12 * max(1.0, abs(t1)):
+            rows.append(x1.clone())
+        else:
+            rows.append(interior[v])
+    return torch.stack(rows)
 
 
 for _name, _order in (("dopri5", 5.0), ("bosh3", 3.0)):
     register(MethodInfo(name=_name, problem="ode", noise=(), strong_order=_order, weak_order=None,
-                        evals_per_step=NATIVE_ADAPTIVE_METHODS[_name], adaptive=True, backend="native",
-                        stochastic=False, fn=run_native_adaptive,
+                        evals_per_step=NATIVE_ADAPTIVE_METHODS[_name], backend="native", stepping=("adaptive",),
+                        default_grid=None, stochastic=False, run=run_native_adaptive, options=CONTROLLER_OPTIONS,
                         doc=f"native {_name} (adaptive; torchdiffeq's steps and NFE = 2 + "
                             f"{NATIVE_ADAPTIVE_METHODS[_name]} x attempted steps, less bookkeeping)"))

@@ -49,9 +49,9 @@ over the whole batch lets one hard sample's error grow with the batch size).
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -60,9 +60,10 @@ from torchdiffeq._impl.odeint import SOLVERS as _TD_SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
-from ..dynamics import ProbabilityFlowODE
-from .registry import MethodInfo, register
-from .stats import CountingFunction, Solution, SolverError, SolverStats
+from .adaptive import CONTROLLER_OPTIONS, initial_step
+from .fixed import grid_method
+from .registry import MethodInfo, Option, register
+from .stats import Solution, SolverError, SolverStats, counted_problem
 
 __all__ = ["odeint_counted", "run_torchdiffeq", "ADAPTIVE_METHODS", "FIXED_METHODS", "batch_norm",
            "per_sample_norm"]
@@ -270,58 +271,6 @@ def _same_state(a: State, b: State) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-# initial step (torchdiffeq's heuristic, with the probe kept inside the interval)
-# ------------------------------------------------------------------------------------------------
-def _tol_like(tol, y: State):
-    if isinstance(y, torch.Tensor):
-        return tol
-    if isinstance(tol, (tuple, list)):
-        return tuple(tol)
-    return tuple(tol for _ in y)
-
-
-def _initial_step(mon: _Monitor, y0: State, t0: float, t1: float, order: int, rtol, atol, norm: Callable,
-                  grad: bool) -> Tuple[float, State]:
-    """``_select_initial_step`` of torchdiffeq (Hairer et al. II.4) with ``h0 <= |t1 - t0|``.
-
-    Returns the first step (a positive float) and ``f0 = f(t0, y0)`` (computed with grad mode
-    ``grad``, reused as torchdiffeq's first evaluation). Two counted evaluations.
-    """
-    direction = 1.0 if t1 > t0 else -1.0
-    length = abs(t1 - t0)
-    with torch.set_grad_enabled(grad):
-        f0 = mon.call_direct(t0, y0)
-    with torch.no_grad():
-        if isinstance(y0, torch.Tensor):
-            scale = atol + y0.abs() * rtol
-            d0, d1 = float(norm(y0 / scale)), float(norm(f0 / scale))
-        else:
-            rt, at = _tol_like(rtol, y0), _tol_like(atol, y0)
-            scale = tuple(a + c.abs() * r for c, r, a in zip(y0, rt, at))
-            d0 = float(norm(tuple(c / s for c, s in zip(y0, scale))))
-            d1 = float(norm(tuple(c / s for c, s in zip(f0, scale))))
-        h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
-        h0 = min(abs(h0), length)  # the one change: the probe stays in [t_end, t_start]
-        if isinstance(y0, torch.Tensor):
-            y1 = y0 + (direction * h0) * f0
-        else:
-            y1 = tuple(c + (direction * h0) * f for c, f in zip(y0, f0))
-        f1 = mon.call_direct(t0 + direction * h0, y1)
-        if isinstance(y0, torch.Tensor):
-            d2 = float(norm((f1 - f0) / scale)) / h0
-        else:
-            d2 = float(norm(tuple((a - b) / s for a, b, s in zip(f1, f0, scale)))) / h0
-        if d1 <= 1e-15 and d2 <= 1e-15:
-            h1 = max(1e-6, h0 * 1e-3)
-        else:
-            h1 = (0.01 / max(d1, d2)) ** (1.0 / float(order))
-    first = min(100.0 * h0, h1, length)
-    if not math.isfinite(first) or first <= 0.0:
-        first = length * 1e-3
-    return first, f0
-
-
-# ------------------------------------------------------------------------------------------------
 # odeint_counted
 # ------------------------------------------------------------------------------------------------
 def _check_float(v, name: str, positive: bool = False) -> float:
@@ -478,7 +427,76 @@ def odeint_counted(func: Callable, y0: State, t_start: float, t_end: float, *, m
     SolverError
         Step limit, step-size collapse or non-finite state; ``.stats`` holds the partial counts.
     """
-    # ---- validation -----------------------------------------------------------------------------
+    req = _request(func, y0, t_start, t_end, method, rtol, atol, step_size, grid, norm, max_steps, min_step,
+                   save_at, adjoint, adjoint_params, options, step_callback)
+    mon = _Monitor(func, req.lo, req.hi, req.t_start, req.t_end, method, req.adaptive, req.max_steps, req.min_step,
+                   adjoint, step_callback)
+    info: Dict[str, Any] = {"method": method, "adaptive": req.adaptive, "norm": norm}
+    opts = _solver_options(req, mon, y0, info)
+    kwargs = dict(method=method, options=opts)
+    kwargs.update(rtol=req.rtol, atol=req.atol) if req.adaptive else kwargs.update(rtol=0.0, atol=0.0)
+    t_out = torch.tensor(req.times, dtype=F64, device=_device(y0))
+    adj_first = None
+    try:
+        if adjoint:
+            adj_opts, adj_first = _adjoint_options(req, opts)
+            sol = torchdiffeq.odeint_adjoint(mon, y0, t_out, adjoint_params=req.adjoint_params,
+                                             adjoint_options=adj_opts, **kwargs)
+        else:
+            sol = torchdiffeq.odeint(mon, y0, t_out, **kwargs)
+    except AssertionError as e:  # torchdiffeq's own checks ('underflow in dt', non-finite state, ...)
+        c = mon.counts["forward"]
+        raise SolverError(f"torchdiffeq:{method} failed: {e}", step=c.attempts,
+                          t=None if c.t_last is None else float(c.t_last), stats=mon.stats()) from e
+    mon.check_clamp()
+    mon.phase = "adjoint"
+    if adj_first is not None and mon.track.last_proposal is not None:
+        adj_first.fill_(min(mon.track.last_proposal, req.hi - req.lo))
+    y_final = tuple(s[-1] for s in sol) if req.is_tuple else sol[-1]
+    if not _all_finite(y_final):
+        c = mon.counts["forward"]
+        raise SolverError(f"the state became non-finite (NaN or inf) (torchdiffeq:{method})", step=c.attempts,
+                          t=req.t_end, stats=mon.stats())
+    ys = None
+    if req.save_idx is not None:
+        idx = torch.tensor(req.save_idx, dtype=torch.long, device=_device(y0))
+        ys = tuple(s.index_select(0, idx) for s in sol) if req.is_tuple else sol.index_select(0, idx)
+        info["save_at"] = req.save_t
+    info.update(mon.counts["forward"].as_dict())
+    info.update(mon.time_report())
+    info["adjoint"] = _LiveCounts(mon) if adjoint else None
+    return y_final, ys, info
+
+
+@dataclass(frozen=True)
+class _Request:
+    """The validated arguments of one :func:`odeint_counted` call."""
+
+    method: str
+    adaptive: bool
+    is_tuple: bool
+    t_start: float
+    t_end: float
+    lo: float
+    hi: float
+    norm: str
+    rtol: Any
+    atol: Any
+    step_size: Optional[float]
+    grid: Optional[torch.Tensor]
+    max_steps: Optional[int]
+    min_step: Optional[float]
+    options: Dict[str, Any]
+    times: list
+    save_idx: Optional[list]
+    save_t: Optional[torch.Tensor]
+    adjoint: bool
+    adjoint_params: Optional[tuple]
+
+
+def _request(func, y0, t_start, t_end, method, rtol, atol, step_size, grid, norm, max_steps, min_step, save_at,
+             adjoint, adjoint_params, options, step_callback) -> _Request:
+    """Validate :func:`odeint_counted`'s arguments (before any evaluation)."""
     if not callable(func):
         raise TypeError(f"func must be callable (t, y), got {type(func).__name__}")
     if not isinstance(method, str) or method not in _TD_SOLVERS or method == "scipy_solver":
@@ -491,6 +509,31 @@ def odeint_counted(func: Callable, y0: State, t_start: float, t_end: float, *, m
     if t_start == t_end:
         raise ValueError(f"t_start and t_end must differ, both are {t_start!r}")
     lo, hi = min(t_start, t_end), max(t_start, t_end)
+    _check_norm(norm, adjoint, is_tuple, B, y0)
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+    if min_step is not None:
+        min_step = _check_float(min_step, "min_step", positive=True)
+        if not adaptive:
+            raise ValueError(f"min_step applies to adaptive methods; {method!r} is fixed-grid")
+    opts = _check_options(options, method, adaptive, hi - lo)
+    if adaptive:
+        rtol = _check_tol(rtol, "rtol", y0)
+        atol = _check_tol(atol, "atol", y0)
+        if step_size is not None or grid is not None:
+            raise ValueError(f"adaptive method {method!r} chooses its own steps; do not pass step_size or grid")
+    else:
+        step_size, grid = _check_fixed_grid(method, rtol, atol, step_size, grid, t_start, t_end)
+    times, save_idx, save_t = _output_times(save_at, t_start, t_end)
+    if adjoint:
+        adjoint_params = _check_adjoint_params(func, adjoint_params)
+    if step_callback is not None and not callable(step_callback):
+        raise TypeError("step_callback must be callable (k, t, y)")
+    return _Request(method, adaptive, is_tuple, t_start, t_end, lo, hi, norm, rtol, atol, step_size, grid,
+                    max_steps, min_step, opts, times, save_idx, save_t, bool(adjoint), adjoint_params)
+
+
+def _check_norm(norm, adjoint, is_tuple, B, y0) -> None:
     if norm not in ("batch", "per-sample", "seminorm"):
         raise ValueError(f"norm must be 'batch', 'per-sample' or 'seminorm', got {norm!r}")
     if norm == "seminorm" and not adjoint:
@@ -501,12 +544,9 @@ def odeint_counted(func: Callable, y0: State, t_start: float, t_end: float, *, m
     if norm == "per-sample" and is_tuple and any(c.dim() == 0 or c.shape[0] != B for c in y0):
         raise ValueError("norm='per-sample' needs every component of a tuple y0 to be batch-first with the "
                          f"same batch size; got shapes {[tuple(c.shape) for c in y0]}")
-    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
-        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
-    if min_step is not None:
-        min_step = _check_float(min_step, "min_step", positive=True)
-        if not adaptive:
-            raise ValueError(f"min_step applies to adaptive methods; {method!r} is fixed-grid")
+
+
+def _check_options(options, method: str, adaptive: bool, length: float) -> Dict[str, Any]:
     opts = dict(options or {})
     for k in opts:
         if k in _MANAGED:
@@ -514,113 +554,76 @@ def odeint_counted(func: Callable, y0: State, t_start: float, t_end: float, *, m
         allowed = _ADAPTIVE_OPTIONS if adaptive else _FIXED_OPTIONS
         if k not in allowed:
             raise ValueError(f"unknown option {k!r} for torchdiffeq method {method!r}; valid: {sorted(allowed)}")
-    if adaptive:
-        rtol = _check_tol(rtol, "rtol", y0)
-        atol = _check_tol(atol, "atol", y0)
-        if step_size is not None or grid is not None:
-            raise ValueError(f"adaptive method {method!r} chooses its own steps; do not pass step_size or grid")
-        if "first_step" in opts:
-            opts["first_step"] = min(_check_float(opts["first_step"], "options['first_step']", positive=True),
-                                     hi - lo)
-    else:
-        if rtol is not None or atol is not None:
-            raise ValueError(f"rtol/atol apply to adaptive methods; {method!r} is fixed-grid (pass step_size or grid)")
-        if (step_size is None) == (grid is None):
-            raise ValueError(f"fixed-grid method {method!r} needs exactly one of step_size or grid")
-        if step_size is not None:
-            step_size = _check_float(step_size, "step_size", positive=True)
-        else:
-            grid = torch.as_tensor(grid, dtype=F64).detach().flatten().cpu()
-            if grid.numel() < 2 or float(grid[0]) != t_start or float(grid[-1]) != t_end:
-                raise ValueError(f"grid must run from t_start={t_start} to t_end={t_end} (exact end points), got "
-                                 f"{grid.tolist()[:4]}...")
-            if not bool(((grid[1:] - grid[:-1]) * (t_end - t_start) > 0).all()):
-                raise ValueError("grid must be strictly monotone from t_start to t_end")
-    times, save_idx, save_t = _output_times(save_at, t_start, t_end)
-    if adjoint:
-        if adjoint_params is None:
-            if not isinstance(func, torch.nn.Module):
-                raise ValueError("adjoint=True needs func to be an nn.Module (its parameters are differentiated) "
-                                 "or an explicit adjoint_params (a tuple of tensors; () for none)")
-            adjoint_params = tuple(func.parameters())
-        else:
-            adjoint_params = tuple(adjoint_params)
-            if not all(isinstance(p, torch.Tensor) for p in adjoint_params):
-                raise TypeError("adjoint_params must be a sequence of tensors")
-    if step_callback is not None and not callable(step_callback):
-        raise TypeError("step_callback must be callable (k, t, y)")
+    if adaptive and "first_step" in opts:
+        opts["first_step"] = min(_check_float(opts["first_step"], "options['first_step']", positive=True), length)
+    return opts
 
-    # ---- set up ---------------------------------------------------------------------------------
-    mon = _Monitor(func, lo, hi, t_start, t_end, method, adaptive, max_steps, min_step, adjoint, step_callback)
-    dev = _device(y0)
-    norm_fn = per_sample_norm if norm == "per-sample" else batch_norm
-    info: Dict[str, Any] = {"method": method, "adaptive": adaptive, "norm": norm}
-    t_out = torch.tensor(times, dtype=F64, device=dev)
-    if adaptive:
+
+def _check_fixed_grid(method, rtol, atol, step_size, grid, t_start, t_end):
+    if rtol is not None or atol is not None:
+        raise ValueError(f"rtol/atol apply to adaptive methods; {method!r} is fixed-grid (pass step_size or grid)")
+    if (step_size is None) == (grid is None):
+        raise ValueError(f"fixed-grid method {method!r} needs exactly one of step_size or grid")
+    if step_size is not None:
+        return _check_float(step_size, "step_size", positive=True), None
+    grid = torch.as_tensor(grid, dtype=F64).detach().flatten().cpu()
+    if grid.numel() < 2 or float(grid[0]) != t_start or float(grid[-1]) != t_end:
+        raise ValueError(f"grid must run from t_start={t_start} to t_end={t_end} (exact end points), got "
+                         f"{grid.tolist()[:4]}...")
+    if not bool(((grid[1:] - grid[:-1]) * (t_end - t_start) > 0).all()):
+        raise ValueError("grid must be strictly monotone from t_start to t_end")
+    return None, grid
+
+
+def _check_adjoint_params(func, adjoint_params) -> tuple:
+    if adjoint_params is None:
+        if not isinstance(func, torch.nn.Module):
+            raise ValueError("adjoint=True needs func to be an nn.Module (its parameters are differentiated) "
+                             "or an explicit adjoint_params (a tuple of tensors; () for none)")
+        return tuple(func.parameters())
+    adjoint_params = tuple(adjoint_params)
+    if not all(isinstance(p, torch.Tensor) for p in adjoint_params):
+        raise TypeError("adjoint_params must be a sequence of tensors")
+    return adjoint_params
+
+
+def _solver_options(req: _Request, mon: _Monitor, y0: State, info: Dict[str, Any]) -> Dict[str, Any]:
+    """torchdiffeq's ``options``: the norm, ``step_t`` and first step (adaptive), or the grid."""
+    opts = dict(req.options)
+    if req.adaptive:
+        norm_fn = per_sample_norm if req.norm == "per-sample" else batch_norm
         opts["norm"] = norm_fn
-        opts["step_t"] = torch.tensor([t_end], dtype=F64, device=dev)
+        opts["step_t"] = torch.tensor([req.t_end], dtype=F64, device=_device(y0))
         if "first_step" not in opts:
-            order = _TD_SOLVERS[method].order
-            first, f0 = _initial_step(mon, y0, t_start, t_end, order, rtol, atol, norm_fn,
-                                      grad=torch.is_grad_enabled() and not adjoint)
-            mon.track.cached_f0 = (t_start, y0, f0)
+            order = _TD_SOLVERS[req.method].order
+            first, f0 = initial_step(mon, y0, req.t_start, req.t_end, order, req.rtol, req.atol, norm_fn,
+                                     grad=torch.is_grad_enabled() and not req.adjoint)
+            mon.track.cached_f0 = (req.t_start, y0, f0)
             opts["first_step"] = first
         info["first_step"] = float(opts["first_step"])
-    elif grid is not None:
-        opts["grid_constructor"] = _grid_between(grid)
+    elif req.grid is not None:
+        opts["grid_constructor"] = _grid_between(req.grid)
     else:
-        opts["step_size"] = step_size
+        opts["step_size"] = req.step_size
+    return opts
 
-    kwargs = dict(method=method, options=opts)
-    if adaptive:
-        kwargs.update(rtol=rtol, atol=atol)
-    else:
-        kwargs.update(rtol=0.0, atol=0.0)  # unused by fixed-grid solvers
+
+def _adjoint_options(req: _Request, opts: Dict[str, Any]):
+    """The backward pass's options; its first step is refilled after the forward pass."""
+    adj_opts = {k: v for k, v in opts.items() if k not in ("norm", "first_step", "step_t")}
     adj_first = None
-    try:
-        if adjoint:
-            adj_opts = {k: v for k, v in opts.items() if k not in ("norm", "first_step", "step_t")}
-            if adaptive:
-                adj_first = torch.tensor(float(opts["first_step"]), dtype=F64)
-                adj_opts["first_step"] = adj_first  # refilled below with the forward pass's last proposal
-                # The backward odeint receives times in the forward pass's *internal* variable
-                # (torchdiffeq negates time for a decreasing forward solve), so does step_t.
-                adj_opts["step_t"] = torch.tensor([t_start if t_end > t_start else -t_start], dtype=F64,
-                                                  device=dev)
-                if norm == "seminorm":
-                    adj_opts["norm"] = "seminorm"
-            if grid is not None:  # the backward pass steps on the same grid (internal time, see above)
-                adj_opts["grid_constructor"] = _grid_between(grid if t_end > t_start else -grid)
-            sol = torchdiffeq.odeint_adjoint(mon, y0, t_out, adjoint_params=adjoint_params,
-                                             adjoint_options=adj_opts, **kwargs)
-        else:
-            sol = torchdiffeq.odeint(mon, y0, t_out, **kwargs)
-    except AssertionError as e:  # torchdiffeq's own checks ('underflow in dt', non-finite state, ...)
-        c = mon.counts["forward"]
-        raise SolverError(f"torchdiffeq:{method} failed: {e}", step=c.attempts,
-                          t=None if c.t_last is None else float(c.t_last), stats=mon.stats()) from e
-    mon.check_clamp()
-    mon.phase = "adjoint"
-    if adj_first is not None and mon.track.last_proposal is not None:
-        adj_first.fill_(min(mon.track.last_proposal, hi - lo))
-
-    if is_tuple:
-        y_final = tuple(s[-1] for s in sol)
-    else:
-        y_final = sol[-1]
-    if not _all_finite(y_final):
-        c = mon.counts["forward"]
-        raise SolverError(f"the state became non-finite (NaN or inf) (torchdiffeq:{method})", step=c.attempts,
-                          t=t_end, stats=mon.stats())
-    ys = None
-    if save_idx is not None:
-        idx = torch.tensor(save_idx, dtype=torch.long, device=dev)
-        ys = tuple(s.index_select(0, idx) for s in sol) if is_tuple else sol.index_select(0, idx)
-        info["save_at"] = save_t
-    info.update(mon.counts["forward"].as_dict())
-    info.update(mon.time_report())
-    info["adjoint"] = _LiveCounts(mon) if adjoint else None
-    return y_final, ys, info
+    if req.adaptive:
+        adj_first = torch.tensor(float(opts["first_step"]), dtype=F64)
+        adj_opts["first_step"] = adj_first  # refilled with the forward pass's last proposal
+        # The backward odeint receives times in the forward pass's *internal* variable
+        # (torchdiffeq negates time for a decreasing forward solve), so does step_t.
+        adj_opts["step_t"] = torch.tensor([req.t_start if req.t_end > req.t_start else -req.t_start], dtype=F64,
+                                          device=opts["step_t"].device)
+        if req.norm == "seminorm":
+            adj_opts["norm"] = "seminorm"
+    if req.grid is not None:  # the backward pass steps on the same grid (internal time, see above)
+        adj_opts["grid_constructor"] = _grid_between(req.grid if req.t_end > req.t_start else -req.grid)
+    return adj_opts, adj_first
 
 
 class _LiveCounts(dict):
@@ -654,55 +657,40 @@ class _LiveCounts(dict):
 # ------------------------------------------------------------------------------------------------
 # solve() entry points
 # ------------------------------------------------------------------------------------------------
-def _counted_problem(problem: ProbabilityFlowODE) -> Tuple[ProbabilityFlowODE, CountingFunction]:
-    counter = CountingFunction(problem.score_fn)
-    p = copy.copy(problem)  # shares modules/parameters; only the score attribute differs
-    object.__setattr__(p, "score_fn", counter)
-    p.check_inputs = False  # odeint_counted guarantees t in [t_end, t_start] ⊂ [0, T]
-    return p, counter
+def run_torchdiffeq(plan, x: torch.Tensor) -> Solution:
+    """``run`` of ``torchdiffeq:<adaptive method>`` on a :class:`ProbabilityFlowODE`.
 
-
-def run_torchdiffeq(problem, x: torch.Tensor, t0: float, t1: float, *, info: MethodInfo, rtol: float,
-                    atol: float, save_at: Optional[torch.Tensor], generator=None, max_steps: Optional[int] = None,
-                    min_step: Optional[float] = None, norm: str = "batch", stats: Optional[SolverStats] = None,
-                    adjoint: bool = False, adjoint_params=None, **options) -> Solution:
-    """``solve()``'s adaptive path for ``torchdiffeq:<method>`` on a :class:`ProbabilityFlowODE`.
-
-    NFE counts score calls (through :class:`CountingFunction`). ``options``: torchdiffeq solver
-    options (``first_step``, ``max_step``, ``safety``, ``ifactor``, ``dfactor``), plus ``adjoint`` and
-    ``adjoint_params`` (see :func:`odeint_counted`). ``generator`` is unused (deterministic).
+    NFE counts score calls. ``plan.options``: the controller options (``first_step``,
+    ``max_step``, ``safety``, ``ifactor``, ``dfactor``), ``jump_t``, and ``adjoint`` /
+    ``adjoint_params`` (see :func:`odeint_counted`). Deterministic.
     """
-    if not isinstance(problem, ProbabilityFlowODE):
-        raise TypeError(f"{info.name} integrates a ProbabilityFlowODE, got {type(problem).__name__}")
+    info = plan.method
     method = info.name.split(":", 1)[1]
-    stats = stats if stats is not None else SolverStats(method=info.name, backend="torchdiffeq")
-    p, counter = _counted_problem(problem)
+    stats = SolverStats(method=info.name, backend="torchdiffeq")
+    p, counter = counted_problem(plan.problem, check_inputs=False)  # odeint_counted keeps t in [t_end, t_start]
+    opts = {k: v for k, v in plan.options.items() if k not in ("adjoint", "adjoint_params") and v is not None}
     try:
-        y, ys, inf = odeint_counted(p, x, t0, t1, method=method, rtol=rtol, atol=atol, norm=norm,
-                                    max_steps=max_steps, min_step=min_step, save_at=save_at, adjoint=adjoint,
-                                    adjoint_params=adjoint_params, options=options)
+        y, ys, inf = odeint_counted(p, x, plan.t_start, plan.t_end, method=method, rtol=plan.rtol, atol=plan.atol,
+                                    norm=plan.norm, max_steps=plan.max_steps, min_step=plan.min_step,
+                                    save_at=plan.save_at, adjoint=plan.options["adjoint"],
+                                    adjoint_params=plan.options["adjoint_params"], options=opts)
     except SolverError as e:
         if e.stats is not None:
             stats.steps, stats.accepted, stats.rejected = e.stats.steps, e.stats.accepted, e.stats.rejected
         stats.nfe = counter.count
-        stats.backend = "torchdiffeq"
         e.stats = stats
         raise
     stats.nfe = counter.count
     stats.steps, stats.accepted, stats.rejected = inf["steps"], inf["accepted"], inf["rejected"]
-    stats.backend = "torchdiffeq"
     stats.extra.update(first_step=inf.get("first_step"), t_min=inf["t_min"], t_max=inf["t_max"])
     sol = Solution(x=y, stats=stats)
-    if save_at is not None:
+    if plan.save_at is not None:
         sol.ts, sol.xs = inf["save_at"], ys
     return sol
 
 
 def _fixed_fn(method: str):
-    def fn(ctx, x: torch.Tensor, **options) -> torch.Tensor:
-        if options:
-            raise ValueError(f"unknown options {sorted(options)} for torchdiffeq:{method} (it takes none)")
-
+    def fn(ctx, x: torch.Tensor) -> torch.Tensor:
         def func(t, y):
             return ctx.velocity(y, float(t))
 
@@ -720,15 +708,19 @@ def _fixed_fn(method: str):
     return fn
 
 
+_ADJOINT_OPTIONS = (Option("jump_t", object, None, None, "torchdiffeq's jump_t (times of discontinuities)"),
+                    Option("adjoint", bool, False, None, "backpropagate with the adjoint ODE"),
+                    Option("adjoint_params", object, None, None, "parameters the adjoint differentiates"))
 _ORDERS = {"dopri5": 5.0, "dopri8": 8.0, "bosh3": 3.0, "adaptive_heun": 2.0, "fehlberg2": 2.0}
 for _name in ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2"):
     if _name in ADAPTIVE_METHODS:
         register(MethodInfo(name=f"torchdiffeq:{_name}", problem="ode", noise=(), strong_order=_ORDERS[_name],
-                            weak_order=None, evals_per_step=ADAPTIVE_METHODS[_name], adaptive=True,
-                            backend="torchdiffeq", stochastic=False, fn=run_torchdiffeq,
+                            weak_order=None, evals_per_step=ADAPTIVE_METHODS[_name], backend="torchdiffeq",
+                            stepping=("adaptive",), default_grid=None, stochastic=False, run=run_torchdiffeq,
+                            options=CONTROLLER_OPTIONS + _ADJOINT_OPTIONS,
                             doc=f"torchdiffeq {_name} (adaptive; NFE = 2 + {ADAPTIVE_METHODS[_name]} x attempted "
                                 f"steps)"))
 for _name, _order in (("euler", 1.0), ("midpoint", 2.0), ("rk4", 4.0)):
-    register(MethodInfo(name=f"torchdiffeq:{_name}", problem="ode", noise=(), strong_order=_order, weak_order=None,
-                        evals_per_step=FIXED_METHODS[_name], adaptive=False, backend="torchdiffeq", stochastic=False,
-                        fn=_fixed_fn(_name), doc=f"torchdiffeq fixed-grid {_name} on the solve grid"))
+    grid_method(_fixed_fn(_name), name=f"torchdiffeq:{_name}", problem="ode", noise=(), strong_order=_order,
+                weak_order=None, evals_per_step=FIXED_METHODS[_name], stochastic=False, backend="torchdiffeq",
+                doc=f"torchdiffeq fixed-grid {_name} on the solve grid")

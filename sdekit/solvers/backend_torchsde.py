@@ -39,18 +39,16 @@ heun 2, midpoint 2, reversible_heun 1 (+1 at the start).
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 import torchsde
 
-from ..dynamics import ProbabilityFlowODE, ReverseSDE, TorchsdeAdapter
-from ..processes import SDE
-from .registry import MethodInfo, register
-from .stats import CountingFunction, Solution, SolverError, SolverStats
+from ..dynamics import ReverseSDE, TorchsdeAdapter
+from .registry import MethodInfo, Option, register
+from .stats import CountingFunction, Solution, SolverError, SolverStats, counted_problem
 
 __all__ = ["run_torchsde", "TORCHSDE_METHODS"]
 
@@ -166,135 +164,61 @@ def _entropy(generator, device) -> int:
     return int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator, device=generator.device))
 
 
-def run_torchsde(problem, x: torch.Tensor, t0: float, t1: float, *, info: MethodInfo, rtol: Optional[float] = None,
-                 atol: Optional[float] = None, save_at: Optional[torch.Tensor] = None, generator=None,
-                 max_steps: Optional[int] = None, min_step: Optional[float] = None, norm: str = "batch",
-                 stats: Optional[SolverStats] = None, dt: Optional[float] = None, adaptive: bool = False,
-                 force: bool = False, bm=None, **options: Any) -> Solution:
-    """Solve a forward :class:`~sdekit.SDE` or a :class:`~sdekit.ReverseSDE` with torchsde.
-
-    ``dt``: the step (fixed-step: ``ceil(L/dt)`` equal steps) or, with ``adaptive=True``, the
-    first step. ``force=True`` allows ``reversible_heun`` on a reverse-time SDE. ``bm``: a
-    Brownian motion on ``[0, |t1 - t0|]`` (internal time), shape ``(B, D)`` (``(B, m)`` for
-    general noise). See the module docs.
-    """
-    method = info.name.split(":", 1)[1]
-    if options:
-        raise ValueError(f"unknown options {sorted(options)} for {info.name}; valid: dt (or steps), adaptive, "
-                         f"force, bm")
-    if isinstance(problem, ProbabilityFlowODE) or not isinstance(problem, (SDE, ReverseSDE)):
-        raise TypeError(f"{info.name} solves a forward SDE or a ReverseSDE, got {type(problem).__name__}")
-    if not isinstance(adaptive, bool):
-        raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
-    if dt is None:
-        raise ValueError(f"{info.name} needs dt (the step size; with adaptive=True the first step): pass "
-                         f"solve(..., dt=...) or steps=...")
-    if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not math.isfinite(dt) or dt <= 0:
-        raise ValueError(f"dt must be a positive finite number, got {dt!r}")
-    if adaptive and (rtol is None or atol is None):
-        raise ValueError(f"{info.name} with adaptive=True needs rtol and atol")
-    if not adaptive and (rtol is not None or atol is not None):
-        raise ValueError(f"rtol/atol apply to {info.name} only with adaptive=True (fixed step dt={dt})")
-    if norm != "batch":
-        raise ValueError(f"torchsde's adaptive controller measures the error over the whole batch; norm={norm!r} "
-                         f"is not available for {info.name} (use norm='batch')")
-    if isinstance(generator, (list, tuple)):
-        raise ValueError(f"{info.name} draws from one Brownian motion for the whole batch: pass one torch.Generator, "
+def check_torchsde(plan) -> None:
+    """The torchsde-specific refusals, at planning time (``MethodInfo.check``)."""
+    name, method = plan.method.name, plan.method.name.split(":", 1)[1]
+    if plan.norm != "batch":
+        raise ValueError(f"torchsde's adaptive controller measures the error over the whole batch; "
+                         f"norm={plan.norm!r} is not available for {name} (use norm='batch')")
+    if isinstance(plan.generator, (list, tuple)):
+        raise ValueError(f"{name} draws from one Brownian motion for the whole batch: pass one torch.Generator, "
                          f"not a list of per-sample generators")
-    is_reverse = isinstance(problem, ReverseSDE)
-    noise = problem.noise
+    noise = plan.problem.noise
     if method in _STRATONOVICH and noise != "isotropic":
-        raise ValueError(f"{info.name} is a Stratonovich scheme: it solves the Itô SDE only when the diffusion does "
+        raise ValueError(f"{name} is a Stratonovich scheme: it solves the Itô SDE only when the diffusion does "
                          f"not depend on x (isotropic noise g(t) I), where both interpretations agree; this problem "
                          f"has {noise!r} noise (state-dependent in general). Use torchsde:euler, torchsde:milstein "
                          f"or torchsde:srk")
-    if method == "reversible_heun" and is_reverse and not force:
+    if method == "reversible_heun" and isinstance(plan.problem, ReverseSDE) and not plan.options["force"]:
         raise ValueError("torchsde:reversible_heun is unstable on reverse-time diffusions (the score drift near t_eps "
                          "makes its extrapolated state blow up); use torchsde:euler / srk, or pass force=True")
-    if noise not in TORCHSDE_METHODS[method][0]:
-        raise ValueError(f"{info.name} supports noise kinds {TORCHSDE_METHODS[method][0]}; the problem has "
-                         f"{noise!r} noise")
-    if is_reverse and not t0 > t1:
-        raise ValueError(f"a ReverseSDE runs from high to low t; got t_start={t0} <= t_end={t1}")
-    if not is_reverse and not t0 < t1:
-        raise ValueError(f"a forward SDE runs from low to high t; got t_start={t0} >= t_end={t1}")
 
-    stats = stats if stats is not None else SolverStats(method=info.name, backend="torchsde")
-    stats.backend = "torchsde"
-    direction = -1 if is_reverse else 1
+
+def run_torchsde(plan, x: torch.Tensor) -> Solution:
+    """``run`` of ``torchsde:<method>``: a forward :class:`~sdekit.SDE` or a :class:`~sdekit.ReverseSDE`.
+
+    ``plan.dt``: the step (fixed-step: ``ceil(L/dt)`` equal steps) or, with the option
+    ``adaptive=True``, the first step. Options: ``adaptive``, ``force`` (allows
+    ``reversible_heun`` on a reverse-time SDE), ``bm`` (a Brownian motion on ``[0, |t1 - t0|]``
+    in the internal time, shape ``(B, D)``, ``(B, m)`` for general noise). See the module docs.
+    """
+    info, t0, t1, adaptive = plan.method, plan.t_start, plan.t_end, plan.mode == "adaptive"
+    method = info.name.split(":", 1)[1]
+    stats = SolverStats(method=info.name, backend="torchsde")
+    direction = -1 if isinstance(plan.problem, ReverseSDE) else 1
     L = abs(t1 - t0)
-    shape = tuple(x.shape)
-    B = shape[0]
-    D = int(x[0].numel())
-
-    # counted copy of the problem: score calls (reverse) or drift calls (forward)
-    p = copy.copy(problem)
-    if is_reverse:
-        counter = CountingFunction(problem.score_fn)
-        object.__setattr__(p, "score_fn", counter)
-    else:
-        counter = CountingFunction(problem._drift)
-        p._drift = counter
+    shape, B, D = tuple(x.shape), x.shape[0], int(x[0].numel())
+    p, counter = counted_problem(plan.problem)  # score calls (reverse) or drift calls (forward)
     adapter = TorchsdeAdapter(p, shape, t0, direction)
     if adapter.noise_type == "scalar" and D > 1:  # never produced by the adapter; guard the invariant
         raise ValueError("torchsde 'scalar' noise shares one Brownian motion across dimensions; refused for d > 1")
     y0 = x.reshape(B, D)
-    if noise == "general":
-        with torch.no_grad():
-            m_noise = int(adapter.g(torch.zeros((), dtype=F64), y0).shape[-1])
-    else:
-        m_noise = D
-
-    # time grid (internal s) and output times
-    if adaptive:
-        step = float(dt)
-        n_fixed = None
-    else:
-        n_fixed = max(1, math.ceil(L / dt - 1e-9))
-        # equal steps L/n, nudged up so torchsde's accumulated sum reaches L in exactly n steps
-        step = L / n_fixed * (1.0 + max(1e-12, 8.0 * n_fixed * 2.3e-16))
-        if min_step is not None and L / n_fixed < min_step:
-            raise ValueError(f"dt={dt} gives steps of {L / n_fixed:.3g} < min_step={min_step}")
-        if max_steps is not None and n_fixed > max_steps:
-            raise SolverError(f"max_steps={max_steps} exceeded: dt={dt} needs {n_fixed} steps (torchsde:{method})",
-                              step=0, t=t0, stats=SolverStats(backend="torchsde", method=info.name))
-    save_s = idx = None
-    out_s = [0.0, L]
-    if save_at is not None:
-        save_at = torch.as_tensor(save_at, dtype=F64).detach().flatten().cpu()
-        s_req = (save_at - t0).abs().clamp(0.0, L).tolist()
-        interior = sorted({s for s in s_req if 1e-12 * max(1.0, L) < s < L - 1e-12 * max(1.0, L)})
-        out_s = [0.0] + interior + [L]
-        pos = {s: i for i, s in enumerate(out_s)}
-
-        def where(s):
-            if s <= 1e-12 * max(1.0, L):
-                return 0
-            if s >= L - 1e-12 * max(1.0, L):
-                return len(out_s) - 1
-            return pos[s]
-
-        idx = [where(s) for s in s_req]
-        save_s = save_at
-    ts = torch.tensor(out_s, dtype=F64, device=x.device)
-
-    mon = _Monitor(method, adaptive, L, t0, direction, max_steps, min_step, counter)
+    step, n_fixed = _steps(plan, L, method)
+    out_s, idx = _output_s(plan, L)
+    mon = _Monitor(method, adaptive, L, t0, direction, plan.max_steps, plan.min_step, counter)
+    bm = plan.options["bm"]
     if bm is None:
-        entropy = _entropy(generator, x.device)
-        bm = torchsde.BrownianInterval(t0=0.0, t1=L, size=(B, m_noise), dtype=x.dtype, device=x.device,
-                                       entropy=entropy, dt=step,
-                                       levy_area_approximation="space-time" if method == "srk" else "none")
-        stats.extra["entropy"] = entropy
-    sde_type = "stratonovich" if method in _STRATONOVICH else "ito"
-    wrapped = _TorchsdeSDE(adapter, sde_type, adapter.noise_type, mon)
+        bm, stats.extra["entropy"] = _brownian(plan, adapter, y0, L, step, method)
+    wrapped = _TorchsdeSDE(adapter, "stratonovich" if method in _STRATONOVICH else "ito", adapter.noise_type, mon)
     kw = dict(method=method, dt=step, adaptive=adaptive)
     if adaptive:
-        kw.update(rtol=float(rtol), atol=float(atol), dt_min=0.0)  # min_step is enforced by the monitor
+        kw.update(rtol=plan.rtol, atol=plan.atol, dt_min=0.0)  # min_step is enforced by the monitor
     try:
         with warnings.catch_warnings():
-            if noise == "isotropic":  # additive noise: torchsde's adaptive-Euler caveat does not apply
+            if plan.problem.noise == "isotropic":  # additive noise: torchsde's adaptive-Euler caveat does not apply
                 warnings.filterwarnings("ignore", message="Numerical solution is not guaranteed to converge")
-            ys = torchsde.sdeint(wrapped, y0, ts, bm=_CountingBrownian(bm, mon), **kw)
+            ys = torchsde.sdeint(wrapped, y0, torch.tensor(out_s, dtype=F64, device=x.device),
+                                 bm=_CountingBrownian(bm, mon), **kw)
     except SolverError as e:
         _fill(stats, mon)
         e.stats = stats
@@ -310,12 +234,53 @@ def run_torchsde(problem, x: torch.Tensor, t0: float, t1: float, *, info: Method
     if not bool(torch.isfinite(xT).all()):
         raise SolverError(f"the state became non-finite (NaN or inf) (torchsde:{method})", step=mon.attempts,
                           t=t1, stats=stats)
-    stats.extra.update(dt=L / n_fixed if n_fixed else float(dt), adaptive=adaptive)
+    stats.extra.update(dt=L / n_fixed if n_fixed else float(plan.dt), adaptive=adaptive)
     sol = Solution(x=xT, stats=stats)
-    if save_at is not None:
+    if plan.save_at is not None:
         sel = ys.index_select(0, torch.tensor(idx, dtype=torch.long, device=ys.device))
-        sol.ts, sol.xs = save_s, sel.reshape((len(idx),) + shape)
+        sol.ts, sol.xs = plan.save_at, sel.reshape((len(idx),) + shape)
     return sol
+
+
+def _steps(plan, L: float, method: str):
+    """``(step, n_fixed)``: torchsde's ``dt`` and the number of fixed steps (``None`` when adaptive)."""
+    dt = plan.dt
+    if plan.mode == "adaptive":
+        return float(dt), None
+    n_fixed = max(1, math.ceil(L / dt - 1e-9))
+    # equal steps L/n, nudged up so torchsde's accumulated sum reaches L in exactly n steps
+    step = L / n_fixed * (1.0 + max(1e-12, 8.0 * n_fixed * 2.3e-16))
+    if plan.min_step is not None and L / n_fixed < plan.min_step:
+        raise ValueError(f"dt={dt} gives steps of {L / n_fixed:.3g} < min_step={plan.min_step}")
+    if plan.max_steps is not None and n_fixed > plan.max_steps:
+        raise SolverError(f"max_steps={plan.max_steps} exceeded: dt={dt} needs {n_fixed} steps (torchsde:{method})",
+                          step=0, t=plan.t_start, stats=SolverStats(backend="torchsde", method=plan.method.name))
+    return step, n_fixed
+
+
+def _output_s(plan, L: float):
+    """The output times in the internal time ``s`` and, per save_at entry, its index among them."""
+    if plan.save_at is None:
+        return [0.0, L], None
+    tol = 1e-12 * max(1.0, L)
+    s_req = (plan.save_at - plan.t_start).abs().clamp(0.0, L).tolist()
+    out_s = [0.0] + sorted({s for s in s_req if tol < s < L - tol}) + [L]
+    pos = {s: i for i, s in enumerate(out_s)}
+    return out_s, [0 if s <= tol else len(out_s) - 1 if s >= L - tol else pos[s] for s in s_req]
+
+
+def _brownian(plan, adapter, y0: torch.Tensor, L: float, step: float, method: str):
+    """A ``torchsde.BrownianInterval`` on ``[0, L]`` seeded from the plan's generator, and its entropy."""
+    if plan.problem.noise == "general":
+        with torch.no_grad():
+            m_noise = int(adapter.g(torch.zeros((), dtype=F64), y0).shape[-1])
+    else:
+        m_noise = y0.shape[1]
+    entropy = _entropy(plan.generator, y0.device)
+    bm = torchsde.BrownianInterval(t0=0.0, t1=L, size=(y0.shape[0], m_noise), dtype=y0.dtype, device=y0.device,
+                                   entropy=entropy, dt=step,
+                                   levy_area_approximation="space-time" if method == "srk" else "none")
+    return bm, entropy
 
 
 def _fill(stats: SolverStats, mon: _Monitor) -> None:
@@ -323,10 +288,14 @@ def _fill(stats: SolverStats, mon: _Monitor) -> None:
     stats.nfe, stats.steps, stats.accepted, stats.rejected = s.nfe, s.steps, s.accepted, s.rejected
 
 
+_OPTIONS = (Option("adaptive", bool, False, None, "torchsde's step-doubling controller (needs rtol, atol)"),
+            Option("force", bool, False, None, "allow reversible_heun on a reverse-time SDE"),
+            Option("bm", object, None, None, "a Brownian motion on [0, |t_end - t_start|] (internal time)"))
 for _name, (_noise, _strong, _weak, _evals) in TORCHSDE_METHODS.items():
     register(MethodInfo(
         name=f"torchsde:{_name}", problem="sde", noise=_noise, strong_order=_strong, weak_order=_weak,
-        evals_per_step=_evals, adaptive=True, backend="torchsde", stochastic=True, fn=run_torchsde,
+        evals_per_step=_evals, backend="torchsde", stepping=("dt", "adaptive"), default_grid="uniform",
+        stochastic=True, run=run_torchsde, options=_OPTIONS, check=check_torchsde,
         doc=(f"torchsde {_name}: fixed step dt (or steps) by default, adaptive=True for step doubling"
              + ("; Stratonovich scheme, exact for the Itô SDE only with isotropic (x-independent) noise"
                 if _name in _STRATONOVICH else ""))))

@@ -9,7 +9,6 @@ the non-finite check.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional
@@ -17,7 +16,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 
 from ..dynamics import ProbabilityFlowODE, ReverseSDE
-from .stats import CountingFunction, SolverError, SolverStats
+from .stats import SolverError, SolverStats, counted_problem
 
 __all__ = ["Context", "Coefs"]
 
@@ -66,11 +65,7 @@ class Context:
         self.n = len(self.ts) - 1
         self.B, self.dtype, self.device, self.shape = x.shape[0], x.dtype, x.device, x.shape
         self.stats = stats
-        has_score = hasattr(problem, "score_fn")
-        self.counter = CountingFunction(problem.score_fn if has_score else problem._drift)
-        if has_score:
-            self.problem = copy.copy(problem)  # same object, counted score
-            object.__setattr__(self.problem, "score_fn", self.counter)
+        self.problem, self.counter = counted_problem(problem)  # same object, counted score (or drift)
         self._eta = getattr(problem, "_eta", None)
         # which drift the linear fast path computes, decided once (not per call)
         self._mode = ("reverse" if isinstance(problem, ReverseSDE) else

@@ -45,8 +45,10 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from ._checks import nonnegative, one_of, open_interval
 from .context import Coefs, Context
-from .registry import MethodInfo, register
+from .fixed import grid_method
+from .registry import options_of
 
 __all__ = ["dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"]
 
@@ -367,21 +369,23 @@ def dpmpp_2m_sde(ctx: Context, x: torch.Tensor, eta: float = 1.0) -> torch.Tenso
 # Registration
 # ----------------------------------------------------------------------------------------------
 
-for _fn in (dpm_solver_1, dpm_solver_2, dpm_solver_3, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde):
-    _fn.default_grid = "log_snr"
+def _reg(fn, order: int, weak: float, evals: int, stochastic: bool, doc: str, strong=None, **options) -> None:
+    grid_method(fn, problem="score", noise=("isotropic",), strong_order=order if strong is None else strong,
+                weak_order=weak, evals_per_step=evals, stochastic=stochastic,
+                stochastic_option="eta" if stochastic else None, options=options_of(fn, **options),
+                default_grid="log_snr", doc=doc)
 
 
-def _reg(fn, order: int, weak: float, evals: int, stochastic: bool, doc: str, strong=None) -> None:
-    register(MethodInfo(name=fn.__name__, problem="score", noise=("isotropic",),
-                        strong_order=float(order if strong is None else strong), weak_order=float(weak),
-                        evals_per_step=evals, adaptive=False, backend="native", stochastic=stochastic, fn=fn,
-                        doc=doc))
-
-
-_reg(dpm_solver_1, 1, 1, 1, False, "DPM-Solver-1 (= DDIM eta=0), exponential integrator")
-_reg(dpm_solver_2, 2, 2, 2, False, "singlestep DPM-Solver-2 (noise prediction; predict='data' for ++)")
-_reg(dpm_solver_3, 3, 3, 3, False, "singlestep DPM-Solver-3 (noise prediction; predict='data' for ++)")
-_reg(dpmpp_2m, 2, 2, 1, False, "multistep DPM-Solver++(2M), data prediction")
+_P = (str, one_of("predict", "data", "noise"))  # option declarations: (type, validator)
+_R = (float, open_interval("r1", 0.0, 1.0))
+_LOF = bool
+_reg(dpm_solver_1, 1, 1, 1, False, "DPM-Solver-1 (= DDIM eta=0), exponential integrator", predict=_P)
+_reg(dpm_solver_2, 2, 2, 2, False, "singlestep DPM-Solver-2 (noise prediction; predict='data' for ++)",
+     predict=_P, r1=_R)
+_reg(dpm_solver_3, 3, 3, 3, False, "singlestep DPM-Solver-3 (noise prediction; predict='data' for ++)",
+     predict=_P, r1=_R, r2=(float, open_interval("r2", 0.0, 1.0)))
+_reg(dpmpp_2m, 2, 2, 1, False, "multistep DPM-Solver++(2M), data prediction", predict=_P, lower_order_final=_LOF)
 _reg(dpmpp_3m, 3, 3, 1, False, "multistep DPM-Solver++(3M), data prediction (third-order D2 weight; "
-     "published_form=True for dpm_solver_pytorch's)")
-_reg(dpmpp_2m_sde, 1, 1, 1, True, "DPM-Solver++(2M) SDE (k-diffusion midpoint), any alpha", strong=1)
+     "published_form=True for dpm_solver_pytorch's)", predict=_P, lower_order_final=_LOF, published_form=bool)
+_reg(dpmpp_2m_sde, 1, 1, 1, True, "DPM-Solver++(2M) SDE (k-diffusion midpoint), any alpha", strong=1,
+     eta=(float, nonnegative("eta")))

@@ -12,8 +12,10 @@ import math
 
 import torch
 
+from ._checks import at_least, nonnegative, one_of, positive, positive_or_inf
 from .context import Context
-from .registry import MethodInfo, register
+from .fixed import grid_method
+from .registry import options_of
 
 __all__ = ["euler", "heun", "rk4", "euler_maruyama", "stochastic_heun", "reverse_diffusion", "ancestral",
            "pc", "ddim", "langevin", "annealed_langevin"]
@@ -260,26 +262,46 @@ def annealed_langevin(ctx: Context, x: torch.Tensor, step_size: float = 2e-5, n_
     return x
 
 
-def _reg(name, fn, problem, noise, strong, weak, evals, stochastic, doc):
-    register(MethodInfo(name=name, problem=problem, noise=noise, strong_order=strong, weak_order=weak,
-                        evals_per_step=evals, adaptive=False, backend="native", stochastic=stochastic, fn=fn,
-                        doc=doc))
+# ----------------------------------------------------------------------------------------------
+# Declarations (registered in METHODS; options: defaults from the signatures above)
+# ----------------------------------------------------------------------------------------------
 
+_SNR = (float, positive("snr"))
+_SNR_NORM = (str, one_of("snr_norm", "batch", "per-sample"))
 
-_reg("euler", euler, "ode", (), 1.0, None, 1, False, "explicit Euler on the PF ODE")
-_reg("heun", heun, "ode", (), 2.0, None, 2, False, "Heun (EDM Alg. 2), optional churn")
-_reg("rk4", rk4, "ode", (), 4.0, None, 4, False, "classical Runge-Kutta 4")
-_reg("euler_maruyama", euler_maruyama, "sde", ALL_NOISE, 0.5, 1.0, 1, True,
-     "Euler-Maruyama (strong order 1 for additive noise)")
-_reg("stochastic_heun", stochastic_heun, "sde", ("isotropic",), 1.0, 2.0, 2, True,
-     "stochastic Heun for additive noise")
-_reg("reverse_diffusion", reverse_diffusion, "score", ("isotropic",), 0.5, 1.0, 1, True,
-     "Song et al.'s reverse-diffusion predictor")
-_reg("ancestral", ancestral, "score", ("isotropic",), 0.5, 1.0, 1, True, "DDPM ancestral sampling")
-_reg("pc", pc, "score", ("isotropic",), 0.5, 1.0, 2, True,
-     "predictor-corrector: reverse diffusion + Langevin corrector (evals/step = 1 + n_corrector)")
-_reg("ddim", ddim, "score", ("isotropic",), 1.0, 1.0, 1, False, "DDIM(eta); eta > 0 draws noise")
-_reg("langevin", langevin, "score", ("isotropic",), 0.0, None, 1, True,
-     "unadjusted Langevin at a fixed noise level (t_start == t_end)")
-_reg("annealed_langevin", annealed_langevin, "score", ("isotropic",), 0.0, None, 100, True,
-     "annealed Langevin over a noise ladder (evals/level = n_inner)")
+grid_method(euler, problem="ode", noise=(), strong_order=1, weak_order=None, evals_per_step=1, stochastic=False,
+            doc="explicit Euler on the PF ODE")
+grid_method(heun, problem="ode", noise=(), strong_order=2, weak_order=None, evals_per_step=2, stochastic=True,
+            stochastic_option="churn",
+            options=options_of(heun, churn=(float, nonnegative("churn")), churn_min=(float, nonnegative("churn_min")),
+                               churn_max=(float, positive_or_inf("churn_max")),
+                               churn_noise=(float, nonnegative("churn_noise"))),
+            doc="Heun (EDM Alg. 2), optional churn")
+grid_method(rk4, problem="ode", noise=(), strong_order=4, weak_order=None, evals_per_step=4, stochastic=False,
+            doc="classical Runge-Kutta 4")
+grid_method(euler_maruyama, problem="sde", noise=ALL_NOISE, strong_order=0.5, weak_order=1.0, evals_per_step=1,
+            stochastic=True, doc="Euler-Maruyama (strong order 1 for additive noise)")
+grid_method(stochastic_heun, problem="sde", noise=("isotropic",), strong_order=1.0, weak_order=2.0, evals_per_step=2,
+            stochastic=True, doc="stochastic Heun for additive noise")
+grid_method(reverse_diffusion, problem="score", noise=("isotropic",), strong_order=0.5, weak_order=1.0,
+            evals_per_step=1, stochastic=True, doc="Song et al.'s reverse-diffusion predictor")
+grid_method(ancestral, problem="score", noise=("isotropic",), strong_order=0.5, weak_order=1.0, evals_per_step=1,
+            stochastic=True, doc="DDPM ancestral sampling")
+grid_method(pc, problem="score", noise=("isotropic",), strong_order=0.5, weak_order=1.0, evals_per_step=2,
+            stochastic=True,
+            options=options_of(pc, snr=_SNR, n_corrector=(int, at_least("n_corrector", 0)), snr_norm=_SNR_NORM),
+            doc="predictor-corrector: reverse diffusion + Langevin corrector (evals/step = 1 + n_corrector)")
+# The same update as dpm_solver_1 (tested); the grids differ on purpose: DDIM's published
+# schedules are uniform (or quadratic) in t, DPM-Solver's is uniform in log-SNR.
+grid_method(ddim, problem="score", noise=("isotropic",), strong_order=1.0, weak_order=1.0, evals_per_step=1,
+            stochastic=True, stochastic_option="eta", options=options_of(ddim, eta=(float, nonnegative("eta"))),
+            doc="DDIM(eta); eta = 0 is dpm_solver_1's update (on a uniform grid), eta > 0 draws noise")
+grid_method(langevin, problem="score", noise=("isotropic",), strong_order=0.0, weak_order=None, evals_per_step=1,
+            stochastic=True, fixed_level=True,
+            options=options_of(langevin, step_size=(float, positive("step_size")), snr=_SNR, snr_norm=_SNR_NORM),
+            doc="unadjusted Langevin at a fixed noise level (t_start == t_end)")
+grid_method(annealed_langevin, problem="score", noise=("isotropic",), strong_order=0.0, weak_order=None,
+            evals_per_step=100, stochastic=True,
+            options=options_of(annealed_langevin, step_size=(float, positive("step_size")),
+                               n_inner=(int, at_least("n_inner", 1))),
+            doc="annealed Langevin over a noise ladder (evals/level = n_inner)")

@@ -2,17 +2,18 @@
 
 NFE counts calls of the score (or, for a process without a score, the drift) made by the solver,
 including initial-step probes and rejected steps and a final denoising step, excluding a
-backend's own argument-validation calls (see ``CONVENTIONS.md``).
+backend's own argument-validation calls (see ``docs/solvers.md``).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["SolverStats", "Solution", "SolverError", "CountingFunction"]
+__all__ = ["SolverStats", "Solution", "SolverError", "CountingFunction", "counted_problem"]
 
 
 @dataclass
@@ -93,3 +94,21 @@ class CountingFunction:
     def __call__(self, *args, **kwargs):
         self.count += 1
         return self.fn(*args, **kwargs)
+
+
+def counted_problem(problem, check_inputs: Optional[bool] = None) -> Tuple[Any, CountingFunction]:
+    """A shallow copy of ``problem`` whose score (ReverseSDE, ProbabilityFlowODE) or, for a
+    forward SDE, drift is wrapped in a :class:`CountingFunction`; returns ``(copy, counter)``.
+
+    The copy shares modules and parameters with ``problem``; only the counted function differs.
+    ``check_inputs=False`` switches off the copy's time/state checks where the caller guarantees
+    them (the integrators keep every time inside the interval). The one place the solvers swap a
+    problem's function.
+    """
+    p = copy.copy(problem)
+    attr = "score_fn" if hasattr(problem, "score_fn") else "_drift"
+    counter = CountingFunction(getattr(problem, attr))
+    object.__setattr__(p, attr, counter)
+    if check_inputs is not None:
+        p.check_inputs = check_inputs
+    return p, counter

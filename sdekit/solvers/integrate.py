@@ -1,0 +1,140 @@
+r"""``integrate_ode``: integrate a batch-first ODE $dy/dt = F(t, y)$ with an adaptive
+Runge–Kutta method, choosing the backend.
+
+The public entry point for callers that integrate their own vector field (the likelihood's
+augmented state $(x, \Delta)$) rather than a `sdekit.ProbabilityFlowODE`. It runs
+the native integrator (`sdekit.solvers.adaptive.integrate_adaptive`) or torchdiffeq
+(`sdekit.solvers.backend_torchdiffeq.odeint_counted`); both take the same steps and make the
+same number of evaluations for ``dopri5`` / ``bosh3`` (tested).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .adaptive import NATIVE_ADAPTIVE_METHODS, integrate_adaptive
+from .backend_torchdiffeq import ADAPTIVE_METHODS, odeint_counted
+
+__all__ = ["integrate_ode", "ODE_METHODS", "ODE_BACKENDS", "NATIVE_OPTIONS"]
+
+State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+#: adaptive methods ``integrate_ode`` accepts (torchdiffeq's; ``dopri5`` and ``bosh3`` also native)
+ODE_METHODS = tuple(sorted(ADAPTIVE_METHODS))
+ODE_BACKENDS = ("auto", "native", "torchdiffeq")
+#: solver options the native integrator understands (same meaning as torchdiffeq's)
+NATIVE_OPTIONS = ("first_step", "max_step", "safety", "ifactor", "dfactor")
+
+
+def integrate_ode(field: Callable[[torch.Tensor, State], State], y0: State, t_start: float, t_end: float, *,
+                  method: str = "dopri5", rtol: float, atol: float, norm: str = "batch", backend: str = "auto",
+                  needs_grad: bool = False, adjoint: bool = False,
+                  adjoint_params: Optional[Sequence[torch.Tensor]] = None, max_steps: Optional[int] = None,
+                  options: Optional[Mapping[str, Any]] = None) -> Tuple[State, Dict[str, Any]]:
+    r"""Integrate ``dy/dt = field(t, y)`` from ``t_start`` to ``t_end``; return ``(y(t_end), info)``.
+
+    Parameters
+    ----------
+    field:
+        ``field(t, y)`` with ``t`` a float64 0-d tensor inside the interval and ``y`` of
+        ``y0``'s structure; returns the same structure.
+    y0:
+        A batch-first floating tensor or a tuple of them (same batch size, dtype and device).
+    method, rtol, atol:
+        An adaptive method from `ODE_METHODS` and positive tolerances.
+    norm:
+        ``"batch"``, ``"per-sample"`` or (torchdiffeq adjoint only) ``"seminorm"``; for a tuple
+        state the RMS of each component, then the max (torchdiffeq's mixed norm).
+    backend:
+        ``"native"``: `sdekit.solvers.adaptive.integrate_adaptive` (``dopri5``, ``bosh3``;
+        no gradient through the solve; the options in `NATIVE_OPTIONS`). ``"torchdiffeq"``:
+        `sdekit.solvers.backend_torchdiffeq.odeint_counted` (any method, backpropagation,
+        ``adjoint=True``). ``"auto"``: native where it applies and the state is on the CPU (on
+        CUDA the native path works but has not been timed yet, so it is opt-in there), else
+        torchdiffeq.
+    needs_grad:
+        The caller backpropagates through the solve (rules out the native integrator).
+    adjoint, adjoint_params:
+        torchdiffeq's adjoint backward pass (see `odeint_counted`).
+    max_steps:
+        Raise `sdekit.SolverError` after this many attempted steps.
+    options:
+        Solver options (``first_step``, ``max_step``, ``safety``, ``ifactor``, ``dfactor``; the
+        torchdiffeq backend accepts its other options too).
+
+    Returns
+    -------
+    y1, info
+        The state at ``t_end`` (``y0``'s structure) and a dict with ``backend`` (which ran),
+        ``nfe``, ``steps``, ``accepted``, ``rejected``, ``first_step``, ``t_min``, ``t_max`` and
+        ``adjoint`` (live counts of the backward pass, or ``None``).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad arguments, or ``backend="native"`` where it cannot run (the reasons are listed).
+    SolverError
+        The solve failed (non-finite state, ``max_steps``, step-size underflow).
+    """
+    if not isinstance(method, str) or method not in ODE_METHODS:
+        raise ValueError(f"method must be an adaptive method, one of {list(ODE_METHODS)}; got {method!r}")
+    if backend not in ODE_BACKENDS:
+        raise ValueError(f"backend must be one of {ODE_BACKENDS}, got {backend!r}")
+    blockers = _native_blockers(method, needs_grad, adjoint, norm, options)
+    if backend == "native" and blockers:
+        raise ValueError(f"backend='native' cannot run this solve: {'; '.join(blockers)}. "
+                         f"Use backend='torchdiffeq' or 'auto'")
+    comps = y0 if isinstance(y0, tuple) else (y0,)
+    use_native = not blockers and (backend == "native" or (backend == "auto" and comps[0].device.type == "cpu"))
+    if use_native:
+        y1, info = _native(field, y0, t_start, t_end, method, rtol, atol, norm, max_steps, options)
+        info["adjoint"] = None
+    else:
+        y1, _, info = odeint_counted(field, y0, t_start, t_end, method=method, rtol=rtol, atol=atol, norm=norm,
+                                     max_steps=max_steps, adjoint=adjoint, adjoint_params=adjoint_params,
+                                     options=None if options is None else dict(options))
+    info["backend"] = "native" if use_native else "torchdiffeq"
+    return y1, info
+
+
+def _native_blockers(method: str, needs_grad: bool, adjoint: bool, norm: str, options) -> List[str]:
+    """Why the native integrator cannot run this solve (empty: it can)."""
+    blockers = []
+    if method not in NATIVE_ADAPTIVE_METHODS:
+        blockers.append(f"method={method!r} (native: {sorted(NATIVE_ADAPTIVE_METHODS)})")
+    if adjoint:
+        blockers.append("adjoint=True")
+    if needs_grad:
+        blockers.append("a gradient is wanted (x or the score's parameters require grad under grad mode)")
+    if norm not in ("batch", "per-sample"):
+        blockers.append(f"norm={norm!r}")
+    unknown = sorted(set(options or {}) - set(NATIVE_OPTIONS))
+    if unknown:
+        blockers.append(f"torchdiffeq-only options {unknown}")
+    return blockers
+
+
+def _native(field, y0: State, t_start, t_end, method, rtol, atol, norm, max_steps, options):
+    """The native integrator on the flattened state ``[c_1 | c_2 | ...]`` (one column block per
+    component, each its own RMS norm, as torchdiffeq's mixed norm)."""
+    comps = y0 if isinstance(y0, tuple) else (y0,)
+    B = comps[0].shape[0]
+    shapes = [tuple(c.shape) for c in comps]
+    widths = [math.prod(s[1:]) for s in shapes]
+    cuts = [sum(widths[:i + 1]) for i in range(len(widths) - 1)]
+
+    def unflat(y: torch.Tensor) -> State:
+        parts = tuple(p.reshape(s) for p, s in zip(torch.split(y, widths, dim=1), shapes))
+        return parts if isinstance(y0, tuple) else parts[0]
+
+    def flat_field(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = field(t, unflat(y))
+        outs = out if isinstance(out, tuple) else (out,)
+        return torch.cat([o.reshape(B, -1) for o in outs], 1)
+
+    y_flat = torch.cat([c.detach().reshape(B, -1) for c in comps], 1)
+    y1, info = integrate_adaptive(flat_field, y_flat, t_start, t_end, method=method, rtol=rtol, atol=atol, norm=norm,
+                                  segments=tuple(cuts), max_steps=max_steps, **dict(options or {}))
+    return unflat(y1), info
