@@ -114,7 +114,7 @@ def plain_dsm_loop(train_x, sde, budget_s, *, seed=0, width=256, depth=4, batch=
                 pe.lerp_(p, 1.0 - ema_decay)
         steps += 1
     wall = time.perf_counter() - t0
-    return ema, {"steps": steps, "train_wall_s": wall, "it_s": steps / wall, "final_loss": float(loss)}
+    return ema, {"steps": steps, "train_wall_s": wall, "it_s": steps / wall, "final_loss": float(loss.detach())}
 
 
 # ------------------------------------------------------------------------------------------------

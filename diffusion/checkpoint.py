@@ -85,7 +85,7 @@ def _step_of(path: Path) -> Optional[int]:
 def _check_step(meta: Mapping[str, Any]) -> int:
     if not isinstance(meta, Mapping):
         raise TypeError(f"meta must be a dict (JSON-serialisable), got {type(meta).__name__}")
-    step = meta.get("step")
+    step = meta.get("step", 0)
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(f"meta['step'] must be a non-negative int (it names the files), got {step!r}")
     return int(step)
@@ -177,7 +177,8 @@ def save_checkpoint(directory: PathLike, tensors: Mapping[str, torch.Tensor], me
     tensors:
         Name -> tensor. Moved to the CPU; tensors sharing storage are stored as copies.
     meta:
-        JSON-serialisable metadata; ``meta["step"]`` (a non-negative int) names the files.
+        JSON-serialisable metadata; ``meta["step"]`` (a non-negative int, default 0: a model
+        saved outside training) names the files.
         Non-finite floats are refused (strict JSON); encode them with ``flatten_state``.
     keep_last:
         Keep only the newest ``keep_last`` checkpoints (by step) after writing; ``None`` keeps all.

@@ -484,8 +484,10 @@ class Trainer:
         return self.out_dir / "log.jsonl" if self.out_dir is not None else None
 
     def _fork_rng(self):
-        devices = [self.device] if self.device.type == "cuda" else []
-        return torch.random.fork_rng(devices=devices)
+        if self.device.type != "cuda":
+            return torch.random.fork_rng(devices=[])
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        return torch.random.fork_rng(devices=[index])
 
     def _check_data_fits(self) -> None:
         """Run the loss once on two samples (no update, no randomness consumed): a data shape the

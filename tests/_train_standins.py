@@ -70,7 +70,7 @@ def toy_data(n: int = 40, dim: int = 2, seed: int = 0) -> ToyData:
 def kill_test_config(**kw):
     from diffusion.train import TrainConfig
 
-    base = dict(steps=100_000, batch_size=8, lr=5e-3, warmup=5, schedule="cosine", grad_clip=1.0,
+    base = dict(steps=100_000, batch_size=6, lr=5e-3, warmup=5, schedule="cosine", grad_clip=1.0,
                 ema_decay=0.99, seed=7, log_every=1, eval_every=0, ckpt_every=5, keep_last=3, device="cpu",
                 progress=False)
     base.update(kw)

@@ -62,6 +62,11 @@ def test_round_trip_is_exact(tmp_path):
     assert len(manifest["tensors_sha256"]) == 64
 
 
+def test_step_defaults_to_zero(tmp_path):
+    p = save_checkpoint(tmp_path, {"w": torch.ones(2)}, {"kind": "model"})
+    assert p.name == "ckpt-00000000.json" and load_checkpoint(tmp_path)[1] == {"kind": "model"}
+
+
 def test_keep_last(tmp_path):
     for s in (10, 20, 30, 40, 50):
         _save(tmp_path, s, keep_last=2)
@@ -77,7 +82,7 @@ def test_keep_last(tmp_path):
 def test_bad_arguments_write_nothing(tmp_path):
     d = tmp_path / "c"
     with pytest.raises(ValueError, match="meta\\['step'\\]"):
-        save_checkpoint(d, _tensors(), {"note": 1})
+        save_checkpoint(d, _tensors(), {"step": "3"})
     with pytest.raises(ValueError, match="meta\\['step'\\]"):
         save_checkpoint(d, _tensors(), {"step": -1})
     with pytest.raises(ValueError, match="keep_last"):

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(**kw):
-    base = dict(steps=20, batch_size=16, lr=1e-2, warmup=4, schedule="cosine", grad_clip=0.5, ema_decay=0.9,
+    base = dict(steps=20, batch_size=14, lr=1e-2, warmup=4, schedule="cosine", grad_clip=0.5, ema_decay=0.9,
                 seed=3, log_every=3, eval_every=0, ckpt_every=5, keep_last=2, device="cpu", progress=False)
     base.update(kw)
     return TrainConfig(**base)
