@@ -288,6 +288,28 @@ def test_sliced_score_matching_through_the_model_linear_sde():
     assert float(b) > float(a)
 
 
+def test_simulated_marginals_match_the_kernel():
+    """SimulatedMarginals on an Ornstein-Uhlenbeck process from a fixed x0: at every stored time the
+    paths have mean m(t_k) x0 and variance σ(t_k)² of the exact kernel (z-tests, 0.1% each; the
+    Euler-Maruyama bias at 8 substeps is far below the Monte-Carlo error)."""
+    sde = sdekit.OrnsteinUhlenbeck(theta=2.0, sigma=1.5, T=1.0)
+    N = 4000
+    x0 = torch.full((N, 1), 2.0, dtype=F64)
+    sim = SimulatedMarginals(sde, x0, n_times=4, substeps=32, generator=torch.Generator().manual_seed(0),
+                             include_zero=True)
+    assert torch.allclose(sim.times, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=F64))
+    assert torch.equal(sim.states[0], x0)
+    for k in range(1, 5):
+        tk = float(sim.times[k])
+        m, s = math.exp(-2.0 * tk), math.sqrt(1.5**2 / 4.0 * (1 - math.exp(-4.0 * tk)))
+        x = sim.states[k, :, 0]
+        assert abs(float(x.mean()) - 2.0 * m) < Z * s / math.sqrt(N)
+        var_se = s**2 * math.sqrt(2.0 / (N - 1))
+        assert abs(float(x.var()) - s**2) < Z * var_se
+    xt, t = sim.draw(10, generator=torch.Generator().manual_seed(1))
+    assert xt.shape == (10, 1) and t.dtype == F64 and set(t.tolist()) <= set(sim.times.tolist())
+
+
 def double_well_samples(n, seed):
     """Exact samples of p ∝ exp(−U), U = x⁴/4 − x²/2, by inverse-CDF on a fine grid (numpy)."""
     grid = np.linspace(-4, 4, 200001)
@@ -302,7 +324,7 @@ def test_sliced_score_matching_learns_a_nonlinear_forward_sde():
     """dx = −U'(x) dt + √2 dW started at its stationary law exp(−U)/Z keeps p_t = exp(−U)/Z, whose
     score is −U'(x) = x − x³ for every t. Paths are simulated with sdekit.solve (Euler–Maruyama,
     cached by SimulatedMarginals); a small MLP trained for 600 steps with sliced SM must reach a
-    relative L2(p) score error below 0.1 (measured ≈ 0.03)."""
+    relative L2(p) score error below 0.1 (measured 0.011-0.021)."""
     torch.manual_seed(0)
     sde = sdekit.SDE(lambda x, t: x - x**3, lambda x, t: math.sqrt(2.0), T=1.0)
     x0 = double_well_samples(4000, 0)
