@@ -40,7 +40,6 @@ non-linear forward SDE its samples $x_t$ come from simulating the SDE (`Simulate
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Union

@@ -25,7 +25,6 @@ from torch import nn
 import sdekit
 from diffusion.losses import DSMLoss, SimulatedMarginals, SlicedScoreMatchingLoss, build_loss, dsm_weight
 from diffusion.model import ScoreModel
-from sdekit.likelihood import elbo
 from sdekit.parameterization import PREDICTIONS
 
 from _score_nets import AffineNet, MLPNet, OracleNet
