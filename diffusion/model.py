@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import numbers
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn

@@ -10,7 +10,6 @@ tests (no dependency on diffusion.nets).
   noise condition — it can represent the exact optimum for Gaussian data in every space.
 """
 
-import math
 
 import torch
 from torch import nn
