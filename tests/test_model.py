@@ -192,3 +192,27 @@ def test_bad_input():
 
     with pytest.raises(ValueError, match="must return a tensor shaped like x"):
         ScoreModel(Wrong(), sde).score(torch.randn(4, 2), 0.5)
+
+
+def test_log_likelihood_freezes_trainable_parameters():
+    """A trained network's parameters require grad; the likelihood must not build a graph through
+    them (it would keep every evaluation's graph and take the torchdiffeq route). Same numbers
+    as a frozen copy, the native backend, and the flags restored afterwards."""
+    from diffusion.nets import MLPScoreNet
+
+    torch.manual_seed(0)
+    net = MLPScoreNet(2, width=32, depth=2)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.1)            # leave the zero-initialised output: a non-trivial score
+    model = ScoreModel(net, sdekit.VPSDE(), predict="eps")
+    x = gm2().sample(8, generator=torch.Generator().manual_seed(1)).float()
+    kw = dict(t_eps=1e-3, rtol=1e-5, atol=1e-5, divergence="exact")
+    res = model.log_likelihood(x, **kw)
+    assert res.stats.backend == "native"
+    assert all(p.requires_grad for p in model.parameters())
+    frozen = ScoreModel(MLPScoreNet(2, width=32, depth=2), sdekit.VPSDE(), predict="eps")
+    frozen.load_state_dict(model.state_dict())
+    frozen.requires_grad_(False)
+    ref = log_likelihood(frozen.sde, frozen.score_fn(), x, **kw)
+    assert torch.equal(res.log_prob, ref.log_prob)
