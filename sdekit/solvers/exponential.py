@@ -45,6 +45,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from ..parameterization import tweedie_mean
 from .context import Coefs, Context
 from .registry import MethodInfo, register
 
@@ -80,7 +81,7 @@ def _model(ctx: Context, x: torch.Tensor, t: float, data: bool) -> torch.Tensor:
     c = ctx.coefs(t)
     s = ctx.score(x, t)
     if data:
-        return (x + (c.sigma * c.sigma) * s) / c.m
+        return tweedie_mean(x, s, c.m, c.sigma * c.sigma)
     return (-c.sigma) * s
 
 

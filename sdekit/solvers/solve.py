@@ -17,6 +17,7 @@ import torch
 
 from .._validation import check_positive, check_state, short
 from ..dynamics import ProbabilityFlowODE, ReverseSDE
+from ..parameterization import tweedie_mean
 from ..processes import SDE
 from .context import Context
 from .grids import make_grid
@@ -294,7 +295,7 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
     if denoise:
         ctx_nfe = ctx.counter.count
         c = ctx.coefs(t1)
-        sol.x = (xT + c.sigma ** 2 * ctx.score(xT, t1)) / c.m
+        sol.x = tweedie_mean(xT, ctx.score(xT, t1), c.m, c.sigma ** 2)
         stats.nfe = ctx.counter.count
         stats.extra["denoise_nfe"] = ctx.counter.count - ctx_nfe
     if x.device.type == "cuda":
@@ -311,7 +312,7 @@ def _finish(problem, sol: Solution, denoise: bool, t1: float, stats: SolverStats
         m, s = float(k.m(t64)), float(k.sigma(t64))
         x = sol.x
         sc = problem.score_fn(x, torch.full((x.shape[0],), t1, dtype=x.dtype, device=x.device))
-        sol.x = (x + s * s * sc) / m
+        sol.x = tweedie_mean(x, sc, m, s * s)
         stats.nfe += 1
         stats.extra["denoise_nfe"] = 1
     if sol.x.device.type == "cuda":
