@@ -34,13 +34,12 @@ Outputs have the shape of the input ``x`` (scores, posterior means) or ``(B,)`` 
 
 from __future__ import annotations
 
-import numbers
 from typing import Callable, Dict, Optional
 
 import torch
 
 from ._gaussian import LOG_2PI, gaussian_log_prob
-from ._validation import TimeLike, as_time, check_state, check_time_range, short, time_for
+from ._validation import TimeLike, as_time, check_bool, check_int, check_state, check_time_range, short, time_for
 
 __all__ = ["GaussianMixture"]
 
@@ -419,9 +418,7 @@ class GaussianMixture:
         Draws component labels, then standard normals, from ``generator`` (on the generator's
         device; the same seed gives the same samples), in float64, cast to ``dtype``/``device``.
         """
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or int(n) < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        n = int(n)
+        n = check_int(n, "n", 1)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         gdev = generator.device if generator is not None else torch.device("cpu")
@@ -475,8 +472,7 @@ class GaussianMixture:
         ``analytic_vjp=False``, plain autograd runs (same values to rounding).
         """
         sde = _linear_sde(sde)
-        if not isinstance(analytic_vjp, bool):
-            raise TypeError(f"analytic_vjp must be True or False, got {analytic_vjp!r}")
+        check_bool(analytic_vjp, "analytic_vjp")
 
         def score(x: torch.Tensor, t: TimeLike) -> torch.Tensor:
             xf = self._flat(x)

@@ -34,6 +34,7 @@ from ._validation import (
     TimeLike,
     as_time,
     broadcast_to_data,
+    check_choice,
     check_positive,
     check_state,
     check_time_range,
@@ -129,8 +130,7 @@ class SDE(PublicCoefficients):
             raise TypeError(f"drift must be callable (x, t) -> tensor, got {type(drift).__name__}")
         if not callable(diffusion):
             raise TypeError(f"diffusion must be callable (x, t) -> tensor, got {type(diffusion).__name__}")
-        if noise not in NOISE_KINDS:
-            raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
+        check_choice(noise, "noise", NOISE_KINDS)
         self.T = _check_T(T)
         self.noise = noise
         self._user_drift, self._user_diffusion = drift, diffusion

@@ -50,14 +50,13 @@ time integral is Monte Carlo with
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
 import torch
 
-from .._validation import check_positive, check_state, short
+from .._validation import check_bool, check_choice, check_generator, check_int, check_positive, check_state, short
 from ..processes import LinearSDE
 
 __all__ = ["elbo", "ElboResult", "IMPORTANCE"]
@@ -105,12 +104,6 @@ class ElboResult:
     constant_term: float
     wall_time: float
     extra: Dict[str, float] = field(default_factory=dict)
-
-
-def _int_at_least(value, name: str, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return int(value)
 
 
 def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n_eps: int = 1,
@@ -162,20 +155,16 @@ def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n
     if not callable(score):
         raise TypeError(f"score must be callable (x, t) -> tensor, got {type(score).__name__}")
     x0 = check_state(x0, "x0")
-    n_t = _int_at_least(n_t, "n_t", 2)
-    n_eps = _int_at_least(n_eps, "n_eps", 1)
-    max_batch = _int_at_least(max_batch, "max_batch", 1)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    n_t, n_eps = check_int(n_t, "n_t", 2), check_int(n_eps, "n_eps", 1)
+    max_batch = check_int(max_batch, "max_batch", 1)
+    check_generator(generator)
     t_eps = check_positive(t_eps, "t_eps")
     if not t_eps < sde.T:
         raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}); got {t_eps!r}")
-    if importance not in IMPORTANCE:
-        raise ValueError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
+    check_choice(importance, "importance", IMPORTANCE)
     mode = {"auto": "log_snr", None: "uniform"}.get(importance, importance)
-    for name, flag in (("antithetic", antithetic), ("control_variate", control_variate)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    check_bool(antithetic, "antithetic")
+    check_bool(control_variate, "control_variate")
     v = check_positive(data_var, "data_var")
     if prior_log_prob is not None and not callable(prior_log_prob):
         raise TypeError(f"prior_log_prob must be callable z -> (N,) or None, got {type(prior_log_prob).__name__}")
