@@ -1,14 +1,22 @@
 """Input validation and broadcasting helpers shared by every public entry point.
 
-Conventions (see ``CONVENTIONS.md``): bad input raises ``ValueError``/``TypeError`` naming the
-argument and the offending value *before* any work starts; times are float64; a time is a Python
-float, a 0-d tensor or a ``(B,)`` tensor and broadcasts against data of any rank.
+Conventions (``docs/concepts.md``, "Errors and validation"): bad input raises ``ValueError`` /
+``TypeError`` naming the argument and the offending value *before* any work starts — ``TypeError``
+when the kind of value is wrong (a string, a bool where a number belongs, a float where an
+integer belongs), ``ValueError`` when the value is of the right kind but out of range; times are
+float64; a time is a Python float, a 0-d tensor or a ``(B,)`` tensor and broadcasts against data
+of any rank.
+
+The scalar validators are the one set the package uses: `check_real`, `check_positive`,
+`check_int`, `check_bool`, `check_choice`, `check_generator`. Each returns the normalised value
+(a Python ``float``/``int``/``bool``).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -21,6 +29,11 @@ __all__ = [
     "check_finite",
     "check_state",
     "check_positive",
+    "check_real",
+    "check_int",
+    "check_bool",
+    "check_choice",
+    "check_generator",
     "broadcast_to_data",
     "time_for",
     "short",
@@ -93,16 +106,87 @@ def check_state(x: Any, name: str = "x") -> torch.Tensor:
     return x
 
 
-def check_positive(value: Any, name: str, allow_zero: bool = False) -> float:
-    """Return ``float(value)`` after checking it is a finite positive (or non-negative) real."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+def _scalar(value: Any) -> Any:
+    """A 0-d real tensor as a Python number; anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool \
+            and not value.dtype.is_complex:
+        return value.item()
+    return value
+
+
+def _real_number(value: Any, name: str) -> float:
+    """``float(value)`` for a real number or 0-d real tensor (NaN and inf included); else ``TypeError``."""
+    v = _scalar(value)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
-    v = float(value)
-    ok = (v >= 0.0) if allow_zero else (v > 0.0)
-    if not (ok and v == v and v != float("inf")):
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a finite {kind} number, got {value!r}")
+    return float(v)
+
+
+def check_real(value: Any, name: str, *, allow_inf: bool = False) -> float:
+    """Return ``float(value)`` for a real number (or a 0-d real tensor) that is not NaN.
+
+    ``TypeError`` for anything else (bools included); ``ValueError`` for NaN, and for an
+    infinity unless ``allow_inf``.
+    """
+    v = _real_number(value, name)
+    if v != v or (not allow_inf and math.isinf(v)):
+        raise ValueError(f"{name} must be a {'' if allow_inf else 'finite '}real number, got {value!r}")
     return v
+
+
+def check_positive(value: Any, name: str, allow_zero: bool = False, *, allow_inf: bool = False) -> float:
+    """Return ``float(value)`` after checking it is a positive (or, with ``allow_zero``,
+    non-negative) real number, finite unless ``allow_inf``. ``TypeError`` / ``ValueError`` as
+    `check_real`."""
+    v = _real_number(value, name)
+    if not ((v >= 0.0) if allow_zero else (v > 0.0)) or (not allow_inf and math.isinf(v)):  # NaN fails too
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {'' if allow_inf else 'finite '}{kind} number, got {value!r}")
+    return v
+
+
+def check_int(value: Any, name: str, minimum: Optional[int] = None, *, allow_none: bool = False) -> Optional[int]:
+    """Return ``int(value)`` for an integer (not a bool, not a float) ``>= minimum``.
+
+    ``None`` passes through when ``allow_none``. ``TypeError`` for a non-integer,
+    ``ValueError`` below ``minimum``; the message names the range (``"a positive integer"``
+    for ``minimum = 1``, ``"a non-negative integer"`` for 0, ``"an integer >= k"`` otherwise).
+    """
+    if value is None and allow_none:
+        return None
+    v = _scalar(value)
+    or_none = " or None" if allow_none else ""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an integer{or_none}, got {type(value).__name__}: {value!r}")
+    if minimum is not None and int(v) < minimum:
+        what = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ValueError(f"{name} must be {what}{or_none}, got {value!r}")
+    return int(v)
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """Return ``value`` if it is ``True`` or ``False`` (not 0/1, not a tensor); else ``TypeError``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: Sequence[Any]) -> Any:
+    """Return ``value`` if it is one of ``choices``; else ``ValueError`` listing them."""
+    try:
+        ok = value in tuple(choices)
+    except (TypeError, RuntimeError, ValueError):  # e.g. a tensor, whose == is elementwise
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_generator(generator: Any, name: str = "generator") -> Optional[torch.Generator]:
+    """Return ``generator`` if it is a ``torch.Generator`` or ``None``; else ``TypeError``."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
 
 
 def time_for(t: TimeLike, x: torch.Tensor, name: str = "t") -> torch.Tensor:

@@ -32,6 +32,7 @@ __all__ = [
     "TorchsdeAdapter",
     "evaluate_score",
     "diffusion_divergence",
+    "score_coefficient",
 ]
 
 F64 = torch.float64
@@ -83,6 +84,16 @@ def diffusion_divergence(sde, x: torch.Tensor, t64: torch.Tensor) -> torch.Tenso
     return out.reshape(x.shape).detach()
 
 
+def score_coefficient(eta: torch.Tensor) -> torch.Tensor:
+    r"""$c = -\tfrac{1+\eta^2}{2}$, the factor of $GG^\top\nabla\log p_t$ in the drift of the
+    reverse-time family (module docs); $\eta = 0$ gives the probability-flow ODE's $-\tfrac12$.
+
+    The one place this coefficient is written: both problems' drifts and ``affine_coefficients``
+    (hence the solvers' linear fast path) use it.
+    """
+    return -0.5 * (1.0 + eta * eta)
+
+
 def _eta_fn(eta) -> Callable[[torch.Tensor], torch.Tensor]:
     if callable(eta):
         return lambda t64: torch.as_tensor(eta(t64), dtype=F64, device=t64.device)
@@ -106,14 +117,14 @@ class _Derived:
         self.sde, self.score_fn, self.T, self.t_eps = sde, score, sde.T, t_eps
         self.t_start, self.t_end, self.direction = sde.T, t_eps, -1
 
-    def _corrected_drift(self, x, t64, coef):
-        """:math:`f - coef\\,(D\\nabla\\log p + \\nabla\\cdot D)`; ``coef`` a 0-d or (B,) tensor."""
+    def _drift(self, x, t64):
+        r"""$f + c(t)\,(D\nabla\log p + \nabla\cdot D)$ with $c$ = ``_score_coefficient(t)``."""
         sde = self.sde
         s = evaluate_score(self.score_fn, x, t64)
         corr = sde._diffusion_matrix_action(x, t64, s)
         if sde.state_dependent_noise:
             corr = corr + diffusion_divergence(sde, x, t64)
-        return sde._drift(x, t64) - broadcast_to_data(coef, x) * corr
+        return sde._drift(x, t64) + broadcast_to_data(self._score_coefficient(t64), x) * corr
 
     def _check_xt(self, x, t):
         x = check_state(x, "x")
@@ -165,12 +176,8 @@ class ReverseSDE(PublicCoefficients, _Derived):
         self.noise = sde.noise
         self.state_dependent_noise = sde.state_dependent_noise
 
-    def _drift(self, x, t64):
-        return self._corrected_drift(x, t64, -self._score_coefficient(t64))
-
     def _score_coefficient(self, t64):
-        eta = self._eta(t64)
-        return -0.5 * (1.0 + eta * eta)
+        return score_coefficient(self._eta(t64))
 
     def _diffusion(self, x, t64):
         G = self.sde._diffusion(x, t64)
@@ -211,11 +218,8 @@ class ProbabilityFlowODE(torch.nn.Module, _Derived):
             self.score_module = score
         self.check_inputs = True
 
-    def _drift(self, x, t64):
-        return self._corrected_drift(x, t64, torch.tensor(0.5, dtype=F64, device=x.device))
-
     def _score_coefficient(self, t64):
-        return torch.full_like(t64, -0.5)
+        return score_coefficient(torch.zeros_like(t64))
 
     def forward(self, t: TimeLike, x: torch.Tensor) -> torch.Tensor:
         """:math:`dx/dt` at ``(t, x)``."""

@@ -131,6 +131,28 @@ class Kernel:
         """:math:`\\lambda'(t) = -g(t)^2 / \\sigma(t)^2`."""
         return -self.g2(t) / self.sigma2(t)
 
+    @property
+    def log_snr_T(self) -> float:
+        """$\\lambda(T)$, the smallest log-SNR of the process, as a Python float."""
+        return float(self.log_snr(torch.tensor(self.T, dtype=F64)))
+
+    def transition(self, s: torch.Tensor, t: torch.Tensor):
+        r"""``(a, b2)`` of the forward transition from time ``s`` to a later time ``t``.
+
+        $x_t \mid x_s \sim \mathcal N(a\,x_s,\ b^2 I)$ with $a = m(t)/m(s)$ and
+        $b^2 = m(t)^2\big(e^{-\lambda(t)} - e^{-\lambda(s)}\big) = m(t)^2\int_s^t g^2/m^2$,
+        evaluated as $b^2 = -\sigma(t)^2\,\mathrm{expm1}(\lambda(t) - \lambda(s))$, which keeps
+        its relative accuracy as $t \to s$ (no difference of two nearly equal variances) and is
+        exact at $s = 0$ ($\lambda(0) = +\infty$, $b^2 = \sigma(t)^2$). ``s`` and ``t`` are float64
+        tensors that broadcast together; ``b2`` is 0 where ``t <= s`` (never negative, never NaN).
+        The transitions compose: $a_{su} = a_{st}a_{tu}$, $b^2_{su} = a_{tu}^2 b^2_{st} + b^2_{tu}$.
+        """
+        a = torch.exp(self.log_m(t) - self.log_m(s))
+        s2_t = self.sigma2(t)
+        b2 = -s2_t * torch.expm1(self.log_snr(t) - self.log_snr(s))
+        keep = (t > s) & (s2_t > 0)  # sigma(t) = 0 (lambda(t) = inf, inf - inf = nan): b^2 <= sigma^2 = 0
+        return a, torch.where(keep, b2.clamp_min(0.0), torch.zeros_like(b2))
+
     def t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
         """Invert the (strictly decreasing) log-SNR numerically: bisection, then Newton polish.
 
@@ -189,6 +211,15 @@ class VPKernel(Kernel):
     def log_snr(self, t):
         return -torch.log(torch.expm1(self.B(t)))
 
+    def _dB(self, s, t):
+        """$B(t) - B(s)$ without cancellation: $(t - s)(\\beta_{min} + \\tfrac12(\\beta_{max}-\\beta_{min})(t + s))$."""
+        return (t - s) * (self.beta_min + 0.5 * (self.beta_max - self.beta_min) * (t + s))
+
+    def transition(self, s, t):
+        r"""Closed form: $a = e^{-\Delta B/2}$, $b^2 = -\mathrm{expm1}(-\Delta B)$, $\Delta B = B(t) - B(s)$."""
+        dB = self._dB(s, t)
+        return torch.exp(-0.5 * dB), torch.where(t > s, -torch.expm1(-dB), torch.zeros_like(dB))
+
     def _t_from_B(self, B):
         d = self.beta_max - self.beta_min
         return 2.0 * B / (self.beta_min + torch.sqrt(self.beta_min**2 + 2.0 * d * B))
@@ -213,6 +244,13 @@ class SubVPKernel(VPKernel):
 
     def log_snr(self, t):
         return -2.0 * torch.log(2.0 * torch.sinh(0.5 * self.B(t)))
+
+    def transition(self, s, t):
+        r"""Closed form: $\int_s^t g^2/m^2 = 2\cosh B(t) - 2\cosh B(s)$, so
+        $b^2 = 4e^{-B(t)}\sinh\frac{B(t)+B(s)}2\sinh\frac{\Delta B}2$ with $\Delta B = B(t) - B(s)$."""
+        dB, Bt = self._dB(s, t), self.B(t)
+        b2 = 4.0 * torch.exp(-Bt) * torch.sinh(Bt - 0.5 * dB) * torch.sinh(0.5 * dB)
+        return torch.exp(-0.5 * dB), torch.where(t > s, b2, torch.zeros_like(b2))
 
     def t_from_log_snr(self, lam):
         lam = lam.to(F64)
@@ -244,6 +282,11 @@ class VEKernel(Kernel):
 
     def sigma2(self, t):
         return self.sigma_min**2 * torch.expm1(2.0 * self.r * t)
+
+    def transition(self, s, t):
+        r"""Closed form: $a = 1$, $b^2 = \sigma_{min}^2 e^{2rs}\,\mathrm{expm1}(2r(t - s))$."""
+        b2 = self.sigma_min**2 * torch.exp(2.0 * self.r * s) * torch.expm1(2.0 * self.r * (t - s))
+        return torch.ones_like(b2), torch.where(t > s, b2, torch.zeros_like(b2))
 
     def t_from_log_snr(self, lam):
         lam = lam.to(F64)
@@ -312,6 +355,12 @@ class OUKernel(Kernel):
 
     def log_snr(self, t):
         return -torch.log(self.c * torch.expm1(2.0 * self.theta * t))
+
+    def transition(self, s, t):
+        r"""Closed form: $a = e^{-\theta(t-s)}$, $b^2 = -\frac{s^2}{2\theta}\mathrm{expm1}(-2\theta(t - s))$."""
+        dt = t - s
+        b2 = -self.c * torch.expm1(-2.0 * self.theta * dt)
+        return torch.exp(-self.theta * dt), torch.where(t > s, b2, torch.zeros_like(b2))
 
     def t_from_log_snr(self, lam):
         lam = lam.to(F64)

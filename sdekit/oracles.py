@@ -34,18 +34,16 @@ Outputs have the shape of the input ``x`` (scores, posterior means) or ``(B,)`` 
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Callable, Dict, Optional
 
 import torch
 
-from ._validation import TimeLike, as_time, check_state, check_time_range, short, time_for
+from ._gaussian import LOG_2PI, gaussian_log_prob
+from ._validation import TimeLike, as_time, check_bool, check_int, check_state, check_time_range, short, time_for
 
 __all__ = ["GaussianMixture"]
 
 F64 = torch.float64
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 def _as_f64(value, name: str) -> torch.Tensor:
@@ -327,7 +325,7 @@ class GaussianMixture:
         B, d, K = x64.shape[0], self.dim, self.n_components
         m3 = m.reshape(-1, 1, 1)
         z, c, q = self._component_terms(x64, m, s2)
-        lk = log_w - 0.5 * (q + d * _LOG_2PI)  # (B, K)
+        lk = log_w - 0.5 * (q + d * LOG_2PI)  # (B, K): q already holds the quadratic form and log det
         M = lk.detach().amax(dim=1, keepdim=True)  # log-sum-exp shift (the result does not depend on it)
         e = torch.exp(lk - M)
         S = e @ torch.ones(K, dtype=F64, device=x64.device)
@@ -352,7 +350,6 @@ class GaussianMixture:
         mb = m.reshape(-1, 1)
         s2b = s2.reshape(-1, 1)
         m2 = mb * mb
-        d = self.dim
         M = None
         S = None
         Vs = None
@@ -360,18 +357,9 @@ class GaussianMixture:
         logs = []
         for k in range(self.n_components):
             y = x64 - mb * mu[k]
-            if self._kind == "iso":
-                c = m2 * lam[k] + s2b  # (1 or B, 1)
-                z = y
-                quad = (y * y).sum(-1) / c[:, 0]
-                logdet = d * torch.log(c[:, 0])
-            else:
-                c = m2 * lam[k] + s2b  # (1 or B, d)
-                z = y @ U[k] if self._kind == "full" else y
-                quad = (z * z / c).sum(-1)
-                logdet = torch.log(c).sum(-1)
-            lk = log_w[k] - 0.5 * (quad + logdet + d * _LOG_2PI)
-            lk = lk.expand(x64.shape[0])
+            c = m2 * lam[k] + s2b  # eigenvalues of C_k: (1 or B, 1) isotropic, (1 or B, d) otherwise
+            z = y @ U[k] if self._kind == "full" else y  # x - m mu_k in the eigenbasis of Sigma_k
+            lk = (log_w[k] + gaussian_log_prob(z, 0.0, c, event_dims=1)).expand(x64.shape[0])
             logs.append(lk)
             if not (want_score or want_post):
                 continue
@@ -430,9 +418,7 @@ class GaussianMixture:
         Draws component labels, then standard normals, from ``generator`` (on the generator's
         device; the same seed gives the same samples), in float64, cast to ``dtype``/``device``.
         """
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or int(n) < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        n = int(n)
+        n = check_int(n, "n", 1)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         gdev = generator.device if generator is not None else torch.device("cpu")
@@ -486,8 +472,7 @@ class GaussianMixture:
         ``analytic_vjp=False``, plain autograd runs (same values to rounding).
         """
         sde = _linear_sde(sde)
-        if not isinstance(analytic_vjp, bool):
-            raise TypeError(f"analytic_vjp must be True or False, got {analytic_vjp!r}")
+        check_bool(analytic_vjp, "analytic_vjp")
 
         def score(x: torch.Tensor, t: TimeLike) -> torch.Tensor:
             xf = self._flat(x)
@@ -595,8 +580,7 @@ class GaussianMixture:
                 c = mb * mb * lk_lam + s2b  # (1 or B, d)
                 y = xf - mb * mu[k]
                 z = y @ U[k] if self._kind == "full" else y
-                logs.append((log_w[k] - 0.5 * ((z * z / c).sum(-1) + torch.log(c).sum(-1)
-                                               + d * _LOG_2PI)).expand(B))
+                logs.append((log_w[k] + gaussian_log_prob(z, 0.0, c, event_dims=1)).expand(B))
                 lz = lk_lam * z / c
                 p = s2b * lk_lam / c  # (1 or B, d) eigenvalues of P_k
                 if self._kind == "full":

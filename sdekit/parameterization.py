@@ -15,7 +15,7 @@ All callables take ``(x, t)`` with ``t`` a ``(B,)`` tensor (as the solvers pass 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 
@@ -29,6 +29,7 @@ __all__ = [
     "eps_from_score",
     "denoiser_from_score",
     "v_from_eps_x0",
+    "tweedie_mean",
     "tweedie_denoise",
     "tweedie_covariance",
     "PREDICTIONS",
@@ -38,6 +39,19 @@ __all__ = [
     "prediction_score_scale",
     "edm_preconditioning",
 ]
+
+
+def tweedie_mean(x: torch.Tensor, score_value: torch.Tensor, m: Union[float, torch.Tensor],
+                 sigma2: Union[float, torch.Tensor]) -> torch.Tensor:
+    r"""Tweedie's posterior mean $E[x_0 \mid x_t = x] = (x + \sigma^2\,\nabla\log p_t(x))/m$.
+
+    The one place the formula is written: a pure function of an already evaluated score, with
+    ``m`` and ``sigma2`` $= \sigma^2$ given as numbers or tensors broadcastable to ``x`` (the
+    native solvers pass their cached Python floats; ``tweedie_denoise`` and
+    ``denoiser_from_score`` pass the kernel's values at t). It lives here, not on the kernel,
+    because it involves the score, which the kernel knows nothing about. No validation.
+    """
+    return (x + sigma2 * score_value) / m
 
 
 def _linear(sde):
@@ -103,7 +117,7 @@ def denoiser_from_score(score: Callable, sde) -> Callable:
 
     def denoiser(x, t):
         m, s = _ms(sde, x, t)
-        return (x + s * s * score(x, t)) / m
+        return tweedie_mean(x, score(x, t), m, s * s)
 
     return denoiser
 
@@ -123,7 +137,7 @@ def tweedie_denoise(score: Callable, sde, x_t: torch.Tensor, t: TimeLike) -> tor
     t64 = time_for(t, x_t)
     check_time_range(t64, sde.T)
     m, s = _ms(sde, x_t, t64)
-    return (x_t + s * s * evaluate_score(score, x_t, t64)) / m
+    return tweedie_mean(x_t, evaluate_score(score, x_t, t64), m, s * s)
 
 
 def tweedie_covariance(score: Callable, sde, x_t: torch.Tensor, t: TimeLike) -> torch.Tensor:

@@ -24,16 +24,17 @@ state's dtype and device; the linear coefficients ``f(t)``, ``g(t)`` receive flo
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import kernels as K
+from ._gaussian import gaussian_log_prob
 from ._validation import (
     TimeLike,
     as_time,
     broadcast_to_data,
+    check_choice,
     check_positive,
     check_state,
     check_time_range,
@@ -54,7 +55,6 @@ __all__ = [
 
 NOISE_KINDS = ("isotropic", "diagonal", "general")
 F64 = torch.float64
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 def apply_diffusion(noise: str, G: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -130,8 +130,7 @@ class SDE(PublicCoefficients):
             raise TypeError(f"drift must be callable (x, t) -> tensor, got {type(drift).__name__}")
         if not callable(diffusion):
             raise TypeError(f"diffusion must be callable (x, t) -> tensor, got {type(diffusion).__name__}")
-        if noise not in NOISE_KINDS:
-            raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
+        check_choice(noise, "noise", NOISE_KINDS)
         self.T = _check_T(T)
         self.noise = noise
         self._user_drift, self._user_diffusion = drift, diffusion
@@ -344,7 +343,7 @@ class LinearSDE(SDE):
     def t_from_log_snr(self, lam: TimeLike) -> torch.Tensor:
         r"""Inverse of :meth:`log_snr`: the t in ``(0, T]`` with :math:`\lambda(t) = ` ``lam``."""
         lam64 = as_time(lam, "lam")
-        lam_T = float(self.kernel.log_snr(torch.tensor(self.T, dtype=F64)))
+        lam_T = self.kernel.log_snr_T
         if float(lam64.min()) < lam_T - 1e-9 * max(1.0, abs(lam_T)):
             raise ValueError(f"lam must be >= log_snr(T) = {lam_T:.6g}; got {short(lam)}")
         return self.kernel.t_from_log_snr(lam64)
@@ -378,11 +377,7 @@ class LinearSDE(SDE):
         if x_t.shape != x0.shape:
             raise ValueError(f"x_t has shape {tuple(x_t.shape)} but x0 has {tuple(x0.shape)}")
         m, s = self._coefs(t64, x0)
-        z = (x_t - m * x0) / s
-        d = x0[0].numel()
-        B = x0.shape[0]  # reshape, not flatten(1): data may be (B,)
-        logs = torch.log(s).expand_as(x0).reshape(B, -1).sum(1) if s.dim() else torch.log(s) * d
-        return -0.5 * (z * z).reshape(B, -1).sum(1) - logs - 0.5 * d * _LOG_2PI
+        return gaussian_log_prob(x_t, m * x0, s * s)
 
     def conditional_score(self, x_t: torch.Tensor, x0: torch.Tensor, t: TimeLike) -> torch.Tensor:
         """:math:`\\nabla_{x_t}\\log p(x_t|x_0) = -(x_t - m x_0)/\\sigma^2`."""
@@ -406,9 +401,7 @@ class LinearSDE(SDE):
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """:math:`\\log N(z; 0, \\sigma(T)^2 I)` summed over non-batch dims, shape ``(B,)``."""
         z = check_state(z, "z")
-        s = self.prior_std()
-        d = z[0].numel()
-        return -0.5 * (z * z).reshape(z.shape[0], -1).sum(1) / s**2 - d * math.log(s) - 0.5 * d * _LOG_2PI
+        return gaussian_log_prob(z, 0.0, self.prior_std() ** 2)
 
     # -- alternative constructors ---------------------------------------------------------------
     @classmethod

@@ -25,11 +25,12 @@ Every function raises ``ValueError`` if the field is not differentiable w.r.t. `
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
+
+from .._validation import check_choice, check_generator, check_int
 
 __all__ = ["exact_divergence", "hutchinson_divergence", "draw_probes", "PROBES",
            "exact_divergence_of", "hutchinson_divergence_of", "NotDifferentiableError"]
@@ -207,12 +208,9 @@ def draw_probes(shape, n_probes: int, probe: str = "rademacher", generator: Opti
     :math:`2\\sum_{i,j}\\bar A_{ij}^2` for Gaussian probes, :math:`\\bar A = (A + A^\\top)/2`);
     ``"gaussian"``: standard normal entries.
     """
-    if isinstance(n_probes, bool) or not isinstance(n_probes, numbers.Integral) or n_probes < 1:
-        raise ValueError(f"n_probes must be a positive integer, got {n_probes!r}")
-    if probe not in PROBES:
-        raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    n_probes = check_int(n_probes, "n_probes", 1)
+    check_choice(probe, "probe", PROBES)
+    check_generator(generator)
     full = (int(n_probes),) + tuple(int(s) for s in shape)
     gdev = generator.device if generator is not None else (device if device is not None else "cpu")
     if probe == "rademacher":

@@ -41,7 +41,9 @@ time integral is Monte Carlo with
 * *antithetic noise* :math:`\pm\varepsilon` (removes the :math:`O(1/b)` odd term, whose variance
   otherwise diverges logarithmically at :math:`t \to s`);
 * a *control variate* :math:`c(t)\,g^2(\|\varepsilon\|^2 - d)/b^2` with
-  :math:`c = \rho(2-\rho)`, :math:`\rho = u/(v + u)`, :math:`u = b^2/a^2`, v = ``data_var``
+  :math:`c = \rho(2-\rho)`, :math:`\rho = u/(v + u)`,
+  :math:`u = b^2/a^2 = m(s)^2(e^{-\lambda(t)} - e^{-\lambda(s)})` (so :math:`du = g^2/a^2\,dt`),
+  v = ``data_var``
   (the optimal coefficient for Gaussian data of variance v); its mean is added back in closed form,
   :math:`\tfrac d2\big[\log(1 + u_T/v) + u_T/(v + u_T)\big]`, so the estimate is unbiased for
   every v > 0.
@@ -50,20 +52,20 @@ time integral is Monte Carlo with
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
 import torch
 
-from .._validation import check_positive, check_state, short
+from .._gaussian import gaussian_log_prob
+from .._validation import check_bool, check_choice, check_generator, check_int, check_positive, check_state, short
 from ..processes import LinearSDE
+from ..solvers.stats import SolverStats
 
 __all__ = ["elbo", "ElboResult", "IMPORTANCE"]
 
 F64 = torch.float64
-_LOG_2PI = math.log(2.0 * math.pi)
 IMPORTANCE = ("auto", "log_snr", "uniform", "mixture", None)
 
 
@@ -79,8 +81,13 @@ class ElboResult:
     stderr:
         Its Monte-Carlo standard error: sample std over the ``n_t`` independent time draws
         (each averaged over its ``n_eps`` noises) divided by :math:`\sqrt{n_t}`.
-    nfe:
-        Score evaluations per sample (``n_t * n_eps``, doubled when antithetic).
+    stats:
+        A ``SolverStats`` like ``LikelihoodResult.stats``: ``nfe`` = score evaluations per
+        sample (``n_t * n_eps``, doubled when antithetic), ``steps`` = ``accepted`` = ``n_t``
+        (time draws), ``wall_time``, ``backend = "monte_carlo"``, ``method = "elbo"``;
+        ``extra`` holds ``score_calls``, ``divergence_term``, ``control_variate_mean``,
+        ``lambda_range`` and ``data_var``. ``nfe`` and ``wall_time`` are also read-only
+        attributes of the result (as before ``stats`` existed).
     score_calls:
         Calls of ``score`` (each on a batch of up to ``max_batch`` rows).
     prior_term:
@@ -93,7 +100,7 @@ class ElboResult:
 
     log_prob: torch.Tensor
     stderr: torch.Tensor
-    nfe: int
+    stats: SolverStats
     score_calls: int
     t_eps: float
     n_t: int
@@ -103,14 +110,42 @@ class ElboResult:
     control_variate: bool
     prior_term: torch.Tensor
     constant_term: float
-    wall_time: float
     extra: Dict[str, float] = field(default_factory=dict)
 
+    @property
+    def nfe(self) -> int:
+        """Score evaluations per sample (``stats.nfe``)."""
+        return self.stats.nfe
 
-def _int_at_least(value, name: str, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return int(value)
+    @property
+    def wall_time(self) -> float:
+        """Seconds spent (``stats.wall_time``)."""
+        return self.stats.wall_time
+
+
+def _check_elbo_args(sde, score, x0, n_t, n_eps, max_batch, generator, t_eps, importance, antithetic,
+                     control_variate, data_var, prior_log_prob):
+    """Validate every argument of :func:`elbo` before any work; return the normalised ones."""
+    if not isinstance(sde, LinearSDE):
+        raise TypeError(f"sde must be a sdekit.LinearSDE (the bound uses its Gaussian kernel), got "
+                        f"{type(sde).__name__}")
+    if not callable(score):
+        raise TypeError(f"score must be callable (x, t) -> tensor, got {type(score).__name__}")
+    x0 = check_state(x0, "x0")
+    n_t, n_eps = check_int(n_t, "n_t", 2), check_int(n_eps, "n_eps", 1)
+    max_batch = check_int(max_batch, "max_batch", 1)
+    check_generator(generator)
+    t_eps = check_positive(t_eps, "t_eps")
+    if not t_eps < sde.T:
+        raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}); got {t_eps!r}")
+    check_choice(importance, "importance", IMPORTANCE)
+    mode = {"auto": "log_snr", None: "uniform"}.get(importance, importance)
+    check_bool(antithetic, "antithetic")
+    check_bool(control_variate, "control_variate")
+    v = check_positive(data_var, "data_var")
+    if prior_log_prob is not None and not callable(prior_log_prob):
+        raise TypeError(f"prior_log_prob must be callable z -> (N,) or None, got {type(prior_log_prob).__name__}")
+    return x0, n_t, n_eps, max_batch, t_eps, mode, v
 
 
 def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n_eps: int = 1,
@@ -122,8 +157,8 @@ def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n
     Parameters
     ----------
     sde:
-        A :class:`sdekit.LinearSDE` (closed-form or numeric kernel): only its ``g``, ``m``,
-        :math:`\sigma`, log-SNR and its inverse are used.
+        A :class:`sdekit.LinearSDE` (closed-form or numeric kernel): only its ``g``, its
+        transition (``kernel.transition``), log-SNR and its inverse are used.
     score:
         ``score(x, t) -> tensor`` shaped like ``x`` (``t`` a ``(N,)`` tensor in x's dtype).
     x0:
@@ -135,7 +170,9 @@ def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n
     generator:
         ``torch.Generator`` for all randomness (same seed, same estimate).
     t_eps:
-        The data-side end of the time integral, in ``(0, T)``.
+        The data-side end of the time integral, in ``(0, T)``. Default 1e-5, the likelihood
+        default (the rule is stated in ``docs/concepts.md``: likelihoods stop at 1e-5, sampling
+        at 1e-3).
     importance:
         ``"auto"`` or ``"log_snr"``: t with density :math:`\propto g^2/\sigma^2` (uniform
         log-SNR); ``None`` or ``"uniform"``: t uniform on ``[t_eps, T]``; ``"mixture"``: each
@@ -155,63 +192,30 @@ def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n
     -------
     :class:`ElboResult`.
     """
-    # ---- validation (before any work) --------------------------------------------------------
-    if not isinstance(sde, LinearSDE):
-        raise TypeError(f"sde must be a sdekit.LinearSDE (the bound uses its Gaussian kernel), got "
-                        f"{type(sde).__name__}")
-    if not callable(score):
-        raise TypeError(f"score must be callable (x, t) -> tensor, got {type(score).__name__}")
-    x0 = check_state(x0, "x0")
-    n_t = _int_at_least(n_t, "n_t", 2)
-    n_eps = _int_at_least(n_eps, "n_eps", 1)
-    max_batch = _int_at_least(max_batch, "max_batch", 1)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    t_eps = check_positive(t_eps, "t_eps")
-    if not t_eps < sde.T:
-        raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}); got {t_eps!r}")
-    if importance not in IMPORTANCE:
-        raise ValueError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
-    mode = {"auto": "log_snr", None: "uniform"}.get(importance, importance)
-    for name, flag in (("antithetic", antithetic), ("control_variate", control_variate)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {flag!r}")
-    v = check_positive(data_var, "data_var")
-    if prior_log_prob is not None and not callable(prior_log_prob):
-        raise TypeError(f"prior_log_prob must be callable z -> (N,) or None, got {type(prior_log_prob).__name__}")
-
+    x0, n_t, n_eps, max_batch, t_eps, mode, v = _check_elbo_args(
+        sde, score, x0, n_t, n_eps, max_batch, generator, t_eps, importance, antithetic, control_variate,
+        data_var, prior_log_prob)
     start = time.perf_counter()
-    B = x0.shape[0]
-    event = tuple(x0.shape[1:])
-    d = x0[0].numel()
-    dev = x0.device
+    B, event, d, dev = x0.shape[0], tuple(x0.shape[1:]), x0[0].numel(), x0.device
     y = x0.detach().to(F64).reshape(B, d)
     ker = sde.kernel
-    T = sde.T
     s64 = torch.tensor(t_eps, dtype=F64, device=dev)
-    T64 = torch.tensor(T, dtype=F64, device=dev)
-    lam_s = float(sde.log_snr(s64))
-    lam_T = float(sde.log_snr(T64))
+    T64 = torch.tensor(sde.T, dtype=F64, device=dev)
+    lam_s, lam_T = float(ker.log_snr(s64)), ker.log_snr_T
     Lam = lam_s - lam_T
     if not (math.isfinite(Lam) and Lam > 0):
         raise ValueError(f"log-SNR must decrease on [t_eps, T]: lambda(t_eps)={lam_s:.6g}, lambda(T)={lam_T:.6g}")
-    logm_s = float(ker.log_m(s64))
-    logm_T = float(ker.log_m(T64))
 
     # ---- exactly integrated terms ---------------------------------------------------------------
-    # u = b^2/a^2 = e^{-lambda(t)} - e^{-lambda(s)}, written without cancellation
-    u_T = math.exp(-lam_T) * (-math.expm1(-Lam))
-    a_T2 = math.exp(2.0 * (logm_T - logm_s))
-    b_T2 = a_T2 * u_T
-    divergence = d * (logm_T - logm_s)  # int_s^T div(f x) dt = d int f = d log(m(T)/m(s))
+    a_T, b2_T = (float(c) for c in ker.transition(s64, T64))
+    u_T = b2_T / (a_T * a_T)  # u = b^2/a^2, with du = g^2/a^2 dt (module docs)
+    divergence = d * float(ker.log_m(T64) - ker.log_m(s64))  # int_s^T div(f x) dt = d log(m(T)/m(s))
     cv_mean = 0.5 * d * (math.log1p(u_T / v) + u_T / (v + u_T)) if control_variate else 0.0
     constant = divergence + cv_mean
-    if prior_log_prob is None:
+    prior_term = None
+    if prior_log_prob is None:  # E log N(a_T y + b_T eps; 0, sp^2 I) = log N(a_T y; 0, sp^2 I) - d b_T^2 / (2 sp^2)
         sp2 = sde.prior_std() ** 2
-        prior_term = (-0.5 * d * (_LOG_2PI + math.log(sp2))
-                      - (a_T2 * (y * y).sum(1) + d * b_T2) / (2.0 * sp2))
-    else:
-        prior_term = None
+        prior_term = gaussian_log_prob(a_T * y, 0.0, sp2) - d * b2_T / (2.0 * sp2)
 
     # ---- Monte Carlo over (t, eps) ----------------------------------------------------------------
     reps = n_eps * (2 if antithetic else 1)
@@ -219,91 +223,88 @@ def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n
     gdev = generator.device if generator is not None else dev
     Y = torch.empty(B, n_t, dtype=F64, device=dev)  # per time draw: prior draw - 1/2 * weighted integrand
     P_draws = torch.empty(B, n_t, dtype=F64, device=dev) if prior_log_prob is not None else None
-    calls = 0
-    done = 0
+    calls, done = 0, 0
     while done < n_t:
         k = min(k_chunk, n_t - done)
-        U = 1.0 - torch.rand(B, k, generator=generator, dtype=F64, device=gdev).to(dev)  # (0, 1]
-        if mode == "log_snr":
-            lam = lam_s - U * Lam
-            t = sde.t_from_log_snr(lam.reshape(-1)).reshape(B, k).clamp(t_eps, T)
-            weight = Lam * ker.sigma2(t)  # (1/q) * g^2 with q = g^2 / (sigma^2 Lam)
-        elif mode == "uniform":
-            t = t_eps + (T - t_eps) * U
-            lam = ker.log_snr(t)
-            weight = (T - t_eps) * ker.g2(t)
-        else:  # defensive mixture: half log-SNR-uniform, half t-uniform; q is the mixture density
-            coin = torch.rand(B, k, generator=generator, dtype=F64, device=gdev).to(dev) < 0.5
-            t_l = sde.t_from_log_snr((lam_s - U * Lam).reshape(-1)).reshape(B, k).clamp(t_eps, T)
-            t = torch.where(coin, t_l, t_eps + (T - t_eps) * U)
-            lam = torch.where(coin, lam_s - U * Lam, ker.log_snr(t))
-            g2, s2 = ker.g2(t), ker.sigma2(t)
-            q = 0.5 * g2 / (s2 * Lam) + 0.5 / (T - t_eps)
-            weight = g2 / q
-        u = torch.exp(-lam) * (-torch.expm1(-(lam_s - lam)))
-        a = torch.exp(ker.log_m(t) - logm_s)
-        b = a * torch.sqrt(u)
-        if control_variate:
-            rho = u / (v + u)
-            c_over_b2 = (2.0 - rho) / (a * a * (v + u))  # c / b^2 with c = rho (2 - rho)
-        else:
-            c_over_b2 = torch.zeros_like(u)
+        t, weight = _draw_times(sde, mode, B, k, t_eps, lam_s, Lam, generator, gdev, dev)
+        a, b2 = ker.transition(s64, t)
+        u = b2 / (a * a)
+        c_over_b2 = (2.0 - u / (v + u)) / (a * a * (v + u)) if control_variate else torch.zeros_like(u)
         eps = torch.randn(B, k, n_eps, d, generator=generator, dtype=F64, device=gdev).to(dev)
-        ab = a[:, :, None, None]
-        bb = b[:, :, None, None]
-        mean = ab * y[:, None, None, :]
-        tt = t[:, :, None].expand(B, k, n_eps).reshape(-1)
-        if antithetic:
-            xt = torch.cat([(mean + bb * eps).reshape(-1, d), (mean - bb * eps).reshape(-1, d)])
-            tt = torch.cat([tt, tt])
-        else:
-            xt = (mean + bb * eps).reshape(-1, d)
-        sc = []
-        for i in range(0, xt.shape[0], max_batch):
-            sc.append(_call_score(score, xt[i:i + max_batch], tt[i:i + max_batch], x0.dtype, event))
-            calls += 1
-        sc = torch.cat(sc)
-        e2 = (eps * eps).sum(-1)  # (B, k, n_eps)
-        if antithetic:
-            sp, sm = sc[: sc.shape[0] // 2].reshape(B, k, n_eps, d), sc[sc.shape[0] // 2:].reshape(B, k, n_eps, d)
-            bracket = (0.5 * ((sp * sp).sum(-1) + (sm * sm).sum(-1))
-                       + ((sp - sm) * eps).sum(-1) / bb[..., 0])
-        else:
-            sp = sc.reshape(B, k, n_eps, d)
-            bracket = (sp * sp).sum(-1) + 2.0 * (sp * eps).sum(-1) / bb[..., 0]
-        bracket = bracket + c_over_b2[:, :, None] * e2
-        Z = (weight[:, :, None] * bracket).mean(-1)  # (B, k)
-        Y[:, done:done + k] = -0.5 * Z
+        bracket, n_calls = _bracket(score, y, a, b2.sqrt(), t, eps, antithetic, max_batch, x0.dtype, event)
+        calls += n_calls
+        bracket = bracket + c_over_b2[:, :, None] * (eps * eps).sum(-1)  # c g^2 |eps|^2 / b^2, c = rho (2 - rho)
+        Y[:, done:done + k] = -0.5 * (weight[:, :, None] * bracket).mean(-1)
         if prior_log_prob is not None:
             e_T = torch.randn(B, k, d, generator=generator, dtype=F64, device=gdev).to(dev)
-            zT = (math.sqrt(a_T2) * y[:, None, :] + math.sqrt(b_T2) * e_T).reshape(B * k, *event)
-            lp = prior_log_prob(zT.to(x0.dtype))
-            if not isinstance(lp, torch.Tensor) or lp.shape != (B * k,):
-                raise ValueError(f"prior_log_prob(z) must return a tensor of shape ({B * k},), got "
-                                 f"{getattr(lp, 'shape', type(lp).__name__)}")
-            lp = lp.to(F64).reshape(B, k)
-            if not bool(torch.isfinite(lp).all()):
-                raise ValueError("prior_log_prob returned non-finite values")
+            lp = _prior_draws(prior_log_prob, a_T * y[:, None, :] + math.sqrt(b2_T) * e_T, x0.dtype, event)
             P_draws[:, done:done + k] = lp
             Y[:, done:done + k] += lp
         done += k
 
-    est = constant + Y.mean(1)
-    if prior_term is not None:
-        est = est + prior_term
-    else:
-        prior_term = P_draws.mean(1)
+    est = constant + Y.mean(1) + (prior_term if prior_term is not None else 0.0)
+    prior_term = P_draws.mean(1) if prior_term is None else prior_term
     se = Y.std(1, unbiased=True) / math.sqrt(n_t)
     if not bool(torch.isfinite(est).all() and torch.isfinite(se).all()):
         raise ValueError(f"the ELBO estimate is not finite ({short(est)}); check the score near "
                          f"t_eps={t_eps} and the data scale")
-    return ElboResult(
-        log_prob=est, stderr=se, nfe=n_t * reps, score_calls=calls, t_eps=t_eps, n_t=n_t, n_eps=n_eps,
-        importance=mode, antithetic=antithetic,
-        control_variate=control_variate, prior_term=prior_term, constant_term=constant,
-        wall_time=time.perf_counter() - start,
-        extra={"divergence_term": divergence, "control_variate_mean": cv_mean, "lambda_range": Lam,
-               "data_var": v})
+    extra = {"divergence_term": divergence, "control_variate_mean": cv_mean, "lambda_range": Lam, "data_var": v}
+    stats = SolverStats(nfe=n_t * reps, steps=n_t, accepted=n_t, wall_time=time.perf_counter() - start,
+                        backend="monte_carlo", method="elbo", extra=dict(extra, score_calls=calls))
+    return ElboResult(log_prob=est, stderr=se, stats=stats, score_calls=calls, t_eps=t_eps, n_t=n_t,
+                      n_eps=n_eps, importance=mode, antithetic=antithetic, control_variate=control_variate,
+                      prior_term=prior_term, constant_term=constant, extra=extra)
+
+
+def _draw_times(sde, mode, B, k, t_eps, lam_s, Lam, generator, gdev, dev):
+    """``(t, weight)``, ``(B, k)`` each: times on ``[t_eps, T]`` and ``g^2(t)/q(t)`` for the scheme."""
+    ker, T = sde.kernel, sde.T
+    U = 1.0 - torch.rand(B, k, generator=generator, dtype=F64, device=gdev).to(dev)  # (0, 1]
+    if mode == "log_snr":  # lambda ~ U[lambda(T), lambda(s)]: q = g^2 / (sigma^2 Lam)
+        t = sde.t_from_log_snr((lam_s - U * Lam).reshape(-1)).reshape(B, k).clamp(t_eps, T)
+        return t, Lam * ker.sigma2(t)
+    if mode == "uniform":
+        t = t_eps + (T - t_eps) * U
+        return t, (T - t_eps) * ker.g2(t)
+    # defensive mixture: half log-SNR-uniform, half t-uniform; q is the mixture density
+    coin = torch.rand(B, k, generator=generator, dtype=F64, device=gdev).to(dev) < 0.5
+    t_l = sde.t_from_log_snr((lam_s - U * Lam).reshape(-1)).reshape(B, k).clamp(t_eps, T)
+    t = torch.where(coin, t_l, t_eps + (T - t_eps) * U)
+    g2, s2 = ker.g2(t), ker.sigma2(t)
+    return t, g2 / (0.5 * g2 / (s2 * Lam) + 0.5 / (T - t_eps))
+
+
+def _bracket(score, y, a, b, t, eps, antithetic, max_batch, dtype, event):
+    r"""$\|s\|^2 + 2 s\cdot\varepsilon/b$ at $x_t = a y + b\varepsilon$ (antithetic: the $\pm\varepsilon$
+    average), shape ``(B, k, n_eps)``, and the number of score calls."""
+    B, k, n_eps, d = eps.shape
+    bb = b[:, :, None, None]
+    mean = a[:, :, None, None] * y[:, None, None, :]
+    tt = t[:, :, None].expand(B, k, n_eps).reshape(-1)
+    xt = (mean + bb * eps).reshape(-1, d)
+    if antithetic:
+        xt, tt = torch.cat([xt, (mean - bb * eps).reshape(-1, d)]), torch.cat([tt, tt])
+    chunks = [_call_score(score, xt[i:i + max_batch], tt[i:i + max_batch], dtype, event)
+              for i in range(0, xt.shape[0], max_batch)]
+    sc = torch.cat(chunks)
+    if antithetic:
+        sp, sm = sc[: sc.shape[0] // 2].reshape(B, k, n_eps, d), sc[sc.shape[0] // 2:].reshape(B, k, n_eps, d)
+        return 0.5 * ((sp * sp).sum(-1) + (sm * sm).sum(-1)) + ((sp - sm) * eps).sum(-1) / bb[..., 0], len(chunks)
+    sp = sc.reshape(B, k, n_eps, d)
+    return (sp * sp).sum(-1) + 2.0 * (sp * eps).sum(-1) / bb[..., 0], len(chunks)
+
+
+def _prior_draws(prior_log_prob, zT, dtype, event):
+    """``prior_log_prob`` at the ``(B, k, d)`` draws ``zT``, checked, as float64 ``(B, k)``."""
+    B, k = zT.shape[:2]
+    lp = prior_log_prob(zT.reshape(B * k, *event).to(dtype))
+    if not isinstance(lp, torch.Tensor) or lp.shape != (B * k,):
+        raise ValueError(f"prior_log_prob(z) must return a tensor of shape ({B * k},), got "
+                         f"{getattr(lp, 'shape', type(lp).__name__)}")
+    lp = lp.to(F64).reshape(B, k)
+    if not bool(torch.isfinite(lp).all()):
+        raise ValueError("prior_log_prob returned non-finite values")
+    return lp
 
 
 def _call_score(score: Callable, x64: torch.Tensor, t64: torch.Tensor, dtype: torch.dtype, event) -> torch.Tensor:

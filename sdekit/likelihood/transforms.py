@@ -50,26 +50,13 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._validation import short
+from .._validation import check_generator, check_int, check_positive, check_real, short
 
 __all__ = ["DataTransform", "UniformDequantization", "bits_per_dim"]
 
 F64 = torch.float64
 _LN2 = math.log(2.0)
 Number = Union[int, float]
-
-
-def _real(value: Any, name: str, allow_inf: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex \
-                and value.dtype != torch.bool:
-            value = float(value)
-        else:
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
-    v = float(value)
-    if v != v or (not allow_inf and math.isinf(v)):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    return v
 
 
 def _coef(value: Any, name: str, nonzero: bool) -> Union[float, torch.Tensor]:
@@ -83,7 +70,7 @@ def _coef(value: Any, name: str, nonzero: bool) -> Union[float, torch.Tensor]:
         if nonzero and bool((out == 0).any()):
             raise ValueError(f"{name} must be nonzero everywhere (the map must be invertible), got {short(value)}")
         return out
-    v = _real(value, name)
+    v = check_real(value, name)
     if nonzero and v == 0.0:
         raise ValueError(f"{name} must be nonzero (the map must be invertible), got {value!r}")
     return v
@@ -137,17 +124,14 @@ class DataTransform:
                  discrete_levels: Optional[int] = None):
         self.scale = _coef(scale, "scale", nonzero=True)
         self.shift = _coef(shift, "shift", nonzero=False)
-        lo = _real(low, "low", allow_inf=True)
-        hi = _real(high, "high", allow_inf=True)
+        lo = check_real(low, "low", allow_inf=True)
+        hi = check_real(high, "high", allow_inf=True)
         if not lo < hi:
             raise ValueError(f"low must be < high; got low={low!r}, high={high!r}")
         if discrete_levels is not None:
-            if isinstance(discrete_levels, bool) or not isinstance(discrete_levels, numbers.Integral) \
-                    or int(discrete_levels) < 2:
-                raise ValueError(f"discrete_levels must be an integer >= 2 or None, got {discrete_levels!r}")
+            discrete_levels = check_int(discrete_levels, "discrete_levels", 2, allow_none=True)
             if math.isinf(lo) or math.isinf(hi):
                 raise ValueError(f"discrete data need a finite range; got low={low!r}, high={high!r}")
-            discrete_levels = int(discrete_levels)
         self.low, self.high, self.discrete_levels = lo, hi, discrete_levels
 
     # -- constructors ------------------------------------------------------------------------------
@@ -327,13 +311,9 @@ class UniformDequantization:
     """
 
     def __init__(self, levels: int = 256, bin_width: float = 1.0, low: float = 0.0):
-        if isinstance(levels, bool) or not isinstance(levels, numbers.Integral) or int(levels) < 2:
-            raise ValueError(f"levels must be an integer >= 2, got {levels!r}")
-        self.levels = int(levels)
-        self.bin_width = _real(bin_width, "bin_width")
-        if self.bin_width <= 0:
-            raise ValueError(f"bin_width must be positive, got {bin_width!r}")
-        self.low = _real(low, "low")
+        self.levels = check_int(levels, "levels", 2)
+        self.bin_width = check_positive(bin_width, "bin_width")
+        self.low = check_real(low, "low")
 
     @property
     def high(self) -> float:
@@ -345,8 +325,7 @@ class UniformDequantization:
         return math.log(self.bin_width)
 
     def __call__(self, k: Any, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_generator(generator)
         lattice = DataTransform(1.0, 0.0, self.low, self.high, self.levels)
         k = lattice.validate_discrete(k, "k")
         u = torch.rand(k.shape, generator=generator, dtype=F64,
@@ -366,18 +345,13 @@ class UniformDequantization:
 
 
 def _event_shape(dim: Any, name: str) -> Tuple[int, ...]:
-    if isinstance(dim, bool):
-        raise TypeError(f"{name} must be a positive int or a shape tuple, got {dim!r}")
-    if isinstance(dim, numbers.Integral):
-        if int(dim) < 1:
-            raise ValueError(f"{name} must be a positive integer (dimensions per sample), got {dim!r}")
-        return (int(dim),)
     if isinstance(dim, (tuple, list, torch.Size)):
-        if len(dim) == 0 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or int(s) < 1
-                                for s in dim):
+        if len(dim) == 0:
             raise ValueError(f"{name} must be a non-empty shape of positive sizes, got {dim!r}")
-        return tuple(int(s) for s in dim)
-    raise TypeError(f"{name} must be a positive int or a shape tuple, got {type(dim).__name__}: {dim!r}")
+        return tuple(check_int(s, f"{name}[{i}]", 1) for i, s in enumerate(dim))
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int or a shape tuple, got {type(dim).__name__}: {dim!r}")
+    return (check_int(dim, name, 1),)
 
 
 def _check_pairing(transform: DataTransform, dequantization: Any) -> None:

@@ -46,6 +46,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from ._checks import nonnegative, one_of, open_interval
+from ..parameterization import tweedie_mean
 from .context import Coefs, Context
 from .fixed import grid_method
 from .registry import options_of
@@ -82,7 +83,7 @@ def _model(ctx: Context, x: torch.Tensor, t: float, data: bool) -> torch.Tensor:
     c = ctx.coefs(t)
     s = ctx.score(x, t)
     if data:
-        return (x + (c.sigma * c.sigma) * s) / c.m
+        return tweedie_mean(x, s, c.m, c.sigma * c.sigma)
     return (-c.sigma) * s
 
 

@@ -13,6 +13,7 @@ import math
 import torch
 
 from ._checks import at_least, nonnegative, one_of, positive, positive_or_inf
+from ..parameterization import tweedie_mean
 from .context import Context
 from .fixed import grid_method
 from .registry import options_of
@@ -25,9 +26,8 @@ ALL_NOISE = ("isotropic", "diagonal", "general")
 
 def _transition(ctx: Context, t: float, s: float):
     """(a, b^2) of the exact forward kernel from s to t: x_t = a x_s + b z."""
-    ct, cs = ctx.coefs(t), ctx.coefs(s)
-    a = ct.m / cs.m
-    return a, max(ct.sigma ** 2 - a * a * cs.sigma ** 2, 0.0)
+    a, b2 = ctx.sde.kernel.transition(torch.tensor(s, dtype=torch.float64), torch.tensor(t, dtype=torch.float64))
+    return float(a), float(b2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def heun(ctx: Context, x: torch.Tensor, churn: float = 0.0, churn_min: float = 0
         lam = torch.tensor([ctx.coefs(t).lam for t in ts[:-1]], dtype=torch.float64)
         sbar = torch.exp(-0.5 * lam)
         use = (sbar >= churn_min) & (sbar <= churn_max)
-        lam_T = float(k.log_snr(torch.tensor(ctx.sde.T, dtype=torch.float64)))
+        lam_T = k.log_snr_T
         lam_hat = torch.clamp(lam - 2.0 * math.log1p(gamma), min=lam_T)
         t_new = k.t_from_log_snr(lam_hat)
         t_hat = [float(tn) if u else t for tn, u, t in zip(t_new.tolist(), use.tolist(), ts[:-1])]
@@ -173,7 +173,7 @@ def ddim(ctx: Context, x: torch.Tensor, eta: float = 0.0) -> torch.Tensor:
         t, s = ts[i], ts[i + 1]
         ct, cs = ctx.coefs(t), ctx.coefs(s)
         sc = ctx.score(x, t)
-        x0 = (x + ct.sigma ** 2 * sc) / ct.m
+        x0 = tweedie_mean(x, sc, ct.m, ct.sigma ** 2)
         eps = -ct.sigma * sc
         if eta > 0:
             _, b2 = _transition(ctx, t, s)

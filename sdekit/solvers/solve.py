@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from ..parameterization import tweedie_mean
 from .plan import Plan, make_plan
 from .stats import Solution
 
@@ -117,6 +118,6 @@ def _denoise(plan: Plan, sol: Solution) -> None:
     t64 = torch.tensor(t1, dtype=F64)
     m, s = float(k.m(t64)), float(k.sigma(t64))
     sc = problem.score_fn(x, torch.full((x.shape[0],), t1, dtype=x.dtype, device=x.device))
-    sol.x = (x + s * s * sc) / m
+    sol.x = tweedie_mean(x, sc, m, s * s)
     sol.stats.nfe += 1
     sol.stats.extra["denoise_nfe"] = 1
