@@ -59,6 +59,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from .._gaussian import gaussian_log_prob
+from ..time_sampling import sample_times
 from .._validation import check_bool, check_choice, check_generator, check_int, check_positive, check_state, short
 from ..processes import LinearSDE
 from ..solvers.stats import SolverStats
@@ -257,21 +258,14 @@ def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n
 
 
 def _draw_times(sde, mode, B, k, t_eps, lam_s, Lam, generator, gdev, dev):
-    """``(t, weight)``, ``(B, k)`` each: times on ``[t_eps, T]`` and ``g^2(t)/q(t)`` for the scheme."""
-    ker, T = sde.kernel, sde.T
-    U = 1.0 - torch.rand(B, k, generator=generator, dtype=F64, device=gdev).to(dev)  # (0, 1]
-    if mode == "log_snr":  # lambda ~ U[lambda(T), lambda(s)]: q = g^2 / (sigma^2 Lam)
-        t = sde.t_from_log_snr((lam_s - U * Lam).reshape(-1)).reshape(B, k).clamp(t_eps, T)
-        return t, Lam * ker.sigma2(t)
-    if mode == "uniform":
-        t = t_eps + (T - t_eps) * U
-        return t, (T - t_eps) * ker.g2(t)
-    # defensive mixture: half log-SNR-uniform, half t-uniform; q is the mixture density
-    coin = torch.rand(B, k, generator=generator, dtype=F64, device=gdev).to(dev) < 0.5
-    t_l = sde.t_from_log_snr((lam_s - U * Lam).reshape(-1)).reshape(B, k).clamp(t_eps, T)
-    t = torch.where(coin, t_l, t_eps + (T - t_eps) * U)
-    g2, s2 = ker.g2(t), ker.sigma2(t)
-    return t, g2 / (0.5 * g2 / (s2 * Lam) + 0.5 / (T - t_eps))
+    """``(t, weight)``, ``(B, k)`` each: times on ``[t_eps, T]`` drawn by `sdekit.time_sampling`
+    (the one implementation shared with the training losses) and the weight $g^2(t)/q(t)$."""
+    scheme = {"log_snr": "importance", "uniform": "uniform", "mixture": "mixture"}[mode]
+    t, q = sample_times(sde, B * k, t_eps=t_eps, scheme=scheme, generator=generator, device=dev)
+    t, q = t.reshape(B, k), q.reshape(B, k)
+    if mode == "log_snr":  # q = g^2 / (sigma^2 Lam): the weight g^2/q is Lam sigma^2 exactly
+        return t, Lam * sde.kernel.sigma2(t)
+    return t, sde.kernel.g2(t) / q
 
 
 def _bracket(score, y, a, b, t, eps, antithetic, max_batch, dtype, event):
