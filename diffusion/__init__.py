@@ -14,6 +14,7 @@ from .model import ScoreModel
 from .losses import DSMLoss, SimulatedMarginals, SlicedScoreMatchingLoss, build_loss
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .train import TrainConfig, Trainer, TrainingDivergedError
+from .evaluate import ExactDensityEvaluator
 
 __version__ = "0.1.0"
 
@@ -21,5 +22,5 @@ __all__ = [
     "MLPScoreNet", "UNet", "build_net", "DATASETS", "Dataset", "get_dataset", "ScoreModel",
     "DSMLoss", "SlicedScoreMatchingLoss", "SimulatedMarginals", "build_loss", "CheckpointError",
     "save_checkpoint", "load_checkpoint", "latest_checkpoint", "TrainConfig", "Trainer",
-    "TrainingDivergedError",
+    "TrainingDivergedError", "ExactDensityEvaluator",
 ]
