@@ -89,7 +89,8 @@ def machine_info() -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 def plain_dsm_loop(train_x, sde, budget_s, *, seed=0, width=256, depth=4, batch=512, lr=2e-3, ema_decay=0.999,
                    t_eps=1e-5):
-    """epsilon-DSM with uniform t, AdamW and an EMA, for ``budget_s`` seconds of wall time."""
+    """epsilon-DSM with uniform t, AdamW and an EMA (with the usual warm-up of its decay), for
+    ``budget_s`` seconds of wall time."""
     from diffusion.model import ScoreModel
     from diffusion.nets import MLPScoreNet
 
@@ -109,9 +110,10 @@ def plain_dsm_loop(train_x, sde, budget_s, *, seed=0, width=256, depth=4, batch=
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
+        decay = min(ema_decay, (1 + steps) / (10 + steps))  # EMA warm-up: without it a 0.999 EMA of a
+        with torch.no_grad():                                # ~1-3k-step run still weighs the init heavily
             for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1.0 - ema_decay)
+                pe.lerp_(p, 1.0 - decay)
         steps += 1
     wall = time.perf_counter() - t0
     return ema, {"steps": steps, "train_wall_s": wall, "it_s": steps / wall, "final_loss": float(loss.detach())}
