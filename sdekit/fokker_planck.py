@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from .processes import SDE
 from ._validation import TimeLike, check_state, check_time_range, time_for
 
 __all__ = ["fokker_planck_residual"]
@@ -67,8 +68,6 @@ def fokker_planck_residual(sde, log_density: Callable, x: torch.Tensor, t: TimeL
     -------
     ``(B,)`` tensor (x's dtype, detached): the residual at each point.
     """
-    from .processes import SDE
-
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be a sdekit.SDE, got {type(sde).__name__}")
     if not callable(log_density):

@@ -39,6 +39,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from ._gaussian import LOG_2PI, gaussian_log_prob
+from .processes import LinearSDE
 from ._validation import TimeLike, as_time, check_bool, check_int, check_state, check_time_range, short, time_for
 
 __all__ = ["GaussianMixture"]
@@ -62,8 +63,6 @@ def _as_f64(value, name: str) -> torch.Tensor:
 
 
 def _linear_sde(sde):
-    from .processes import LinearSDE
-
     if not isinstance(sde, LinearSDE):
         raise TypeError(
             f"sde must be a sdekit.LinearSDE (the exact marginal needs the Gaussian kernel "

@@ -29,6 +29,8 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 
 from . import kernels as K
+from ._process_base import ProcessBase, apply_diffusion
+from .dynamics import ProbabilityFlowODE, ReverseSDE, TorchsdeAdapter
 from ._gaussian import gaussian_log_prob
 from ._validation import (
     TimeLike,
@@ -57,15 +59,6 @@ NOISE_KINDS = ("isotropic", "diagonal", "general")
 F64 = torch.float64
 
 
-def apply_diffusion(noise: str, G: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """:math:`G v` for a diffusion coefficient ``G`` in the layout of ``noise`` (see module docs)."""
-    if noise == "isotropic":
-        return broadcast_to_data(G, x) * v
-    if noise == "diagonal":
-        return G * v
-    return torch.einsum("bij,bj->bi", G, v)
-
-
 def _check_T(T) -> float:
     return check_positive(T, "T")
 
@@ -84,23 +77,7 @@ def _batch_time(t64: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t64.to(dtype=x.dtype, device=x.device).expand(x.shape[0])
 
 
-class PublicCoefficients:
-    """Validated public ``drift(x, t)`` / ``diffusion(x, t)`` over the unvalidated ``_drift`` /
-    ``_diffusion`` that solvers call (shared by forward and reverse-time processes)."""
-
-    def drift(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """Drift at ``(x, t)``, shaped like ``x`` (in actual time: integrating towards smaller t
-        uses ``dx = drift * dt`` with dt < 0)."""
-        x, t64 = self._check_xt(x, t)
-        return self._drift(x, t64)
-
-    def diffusion(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """Diffusion coefficient at ``(x, t)`` in the layout of the noise kind (module docs)."""
-        x, t64 = self._check_xt(x, t)
-        return self._diffusion(x, t64)
-
-
-class SDE(PublicCoefficients):
+class SDE(ProcessBase):
     r"""A general Itô SDE :math:`dx = f(x,t)\,dt + G(x,t)\,dW` on :math:`t \in [0, T]`.
 
     Parameters
@@ -180,9 +157,6 @@ class SDE(PublicCoefficients):
         r""":math:`G(x,t)\,dW` with ``dW`` shaped like ``x`` (``(B, m)`` for general noise)."""
         return apply_diffusion(self.noise, self._diffusion(x, t64), x, dW)
 
-    kind = "sde"
-    direction = 1
-
     @property
     def t_start(self) -> float:
         """Forward processes run from 0 (data) ..."""
@@ -195,8 +169,6 @@ class SDE(PublicCoefficients):
 
     def to_torchsde(self, shape: Sequence[int]):
         """A torchsde-compatible module (flattened states, Itô) for the forward process."""
-        from .dynamics import TorchsdeAdapter
-
         return TorchsdeAdapter(self, shape, 0.0, direction=1)
 
     # -- public, validated -----------------------------------------------------------------------
@@ -231,8 +203,6 @@ class SDE(PublicCoefficients):
 
         See :class:`sdekit.dynamics.ReverseSDE`.
         """
-        from .dynamics import ReverseSDE
-
         return ReverseSDE(self, score, eta=eta, t_eps=t_eps)
 
     def probability_flow(self, score: Callable, t_eps: float = 1e-3):
@@ -240,8 +210,6 @@ class SDE(PublicCoefficients):
 
         See :class:`sdekit.dynamics.ProbabilityFlowODE`.
         """
-        from .dynamics import ProbabilityFlowODE
-
         return ProbabilityFlowODE(self, score, t_eps=t_eps)
 
     def __repr__(self):

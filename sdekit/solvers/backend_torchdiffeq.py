@@ -49,7 +49,6 @@ over the whole batch lets one hard sample's error grow with the batch size).
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
@@ -656,8 +655,7 @@ class _LiveCounts(dict):
 # ------------------------------------------------------------------------------------------------
 def _counted_problem(problem: ProbabilityFlowODE) -> Tuple[ProbabilityFlowODE, CountingFunction]:
     counter = CountingFunction(problem.score_fn)
-    p = copy.copy(problem)  # shares modules/parameters; only the score attribute differs
-    object.__setattr__(p, "score_fn", counter)
+    p = problem.with_score(counter)  # shares modules/parameters; only the score differs
     p.check_inputs = False  # odeint_counted guarantees t in [t_end, t_start] ⊂ [0, T]
     return p, counter
 

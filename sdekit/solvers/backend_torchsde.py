@@ -228,12 +228,12 @@ def run_torchsde(problem, x: torch.Tensor, t0: float, t1: float, *, info: Method
     D = int(x[0].numel())
 
     # counted copy of the problem: score calls (reverse) or drift calls (forward)
-    p = copy.copy(problem)
     if is_reverse:
         counter = CountingFunction(problem.score_fn)
-        object.__setattr__(p, "score_fn", counter)
+        p = problem.with_score(counter)
     else:
         counter = CountingFunction(problem._drift)
+        p = copy.copy(problem)
         p._drift = counter
     adapter = TorchsdeAdapter(p, shape, t0, direction)
     if adapter.noise_type == "scalar" and D > 1:  # never produced by the adapter; guard the invariant

@@ -9,7 +9,6 @@ the non-finite check.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional
@@ -69,8 +68,7 @@ class Context:
         has_score = hasattr(problem, "score_fn")
         self.counter = CountingFunction(problem.score_fn if has_score else problem._drift)
         if has_score:
-            self.problem = copy.copy(problem)  # same object, counted score
-            object.__setattr__(self.problem, "score_fn", self.counter)
+            self.problem = problem.with_score(self.counter)  # same problem, counted score
         self._eta = getattr(problem, "_eta", None)
         # which drift the linear fast path computes, decided once (not per call)
         self._mode = ("reverse" if isinstance(problem, ReverseSDE) else
