@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._defaults import SAMPLING_T_EPS
 from ._process_base import ProcessBase, PublicCoefficients, apply_diffusion
 from ._validation import TimeLike, broadcast_to_data, check_positive, check_state, check_time_range, time_for
 
@@ -178,11 +179,13 @@ class _Derived:
 class ReverseSDE(PublicCoefficients, _Derived):
     r"""The reverse-time SDE :math:`dx = [f - \frac{1+\eta^2}{2}(D\nabla\log p + \nabla\cdot D)]dt + \eta G\,d\bar W`.
 
-    Integrated from ``t_start = T`` down to ``t_end = t_eps``. ``eta`` is a non-negative number or
-    a function of float64 t (η = 1: Anderson's reverse SDE).
+    Integrated from ``t_start = T`` down to ``t_end = t_eps``. ``eta`` is any non-negative number or
+    a function of float64 t (η = 1: Anderson's reverse SDE); every η ≥ 0 gives the same marginals.
+    ``t_eps`` defaults to ``sdekit.SAMPLING_T_EPS`` = 1e-3 (the rule for defaults is stated in
+    ``docs/concepts.md``, "Where time stops").
     """
 
-    def __init__(self, sde, score: Callable, eta: Union[float, Callable] = 1.0, t_eps: float = 1e-3):
+    def __init__(self, sde, score: Callable, eta: Union[float, Callable] = 1.0, t_eps: float = SAMPLING_T_EPS):
         self._init_common(sde, score, t_eps)
         self.eta = eta
         self._eta = _eta_fn(eta)
@@ -226,10 +229,11 @@ class ProbabilityFlowODE(torch.nn.Module, _Derived):
     torchdiffeq integrates it from ``T`` to ``t_eps`` directly (``odeint(ode, x_T,
     torch.tensor([ode.T, ode.t_eps]))``). If ``score`` is an ``nn.Module`` it is registered as a
     submodule so adjoint methods see its parameters. Set ``check_inputs = False`` to skip the
-    per-call range check (solvers validate their grid once).
+    per-call range check (solvers validate their grid once). ``t_eps`` defaults to
+    ``sdekit.SAMPLING_T_EPS`` = 1e-3 (see ``docs/concepts.md``, "Where time stops").
     """
 
-    def __init__(self, sde, score: Callable, t_eps: float = 1e-3):
+    def __init__(self, sde, score: Callable, t_eps: float = SAMPLING_T_EPS):
         torch.nn.Module.__init__(self)
         self._init_common(sde, score, t_eps)
         if isinstance(score, torch.nn.Module):

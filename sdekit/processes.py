@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 
 from . import kernels as K
+from ._defaults import SAMPLING_T_EPS
 from ._process_base import ProcessBase, apply_diffusion
 from .dynamics import ProbabilityFlowODE, ReverseSDE, TorchsdeAdapter
 from ._gaussian import gaussian_log_prob
@@ -198,14 +199,14 @@ class SDE(ProcessBase):
         return self.prior.log_prob(check_state(z, "z"))
 
     # -- derived dynamics ------------------------------------------------------------------------
-    def reverse(self, score: Callable, eta: Union[float, Callable] = 1.0, t_eps: float = 1e-3):
+    def reverse(self, score: Callable, eta: Union[float, Callable] = 1.0, t_eps: float = SAMPLING_T_EPS):
         r"""The reverse-time family :math:`dx = [f - \frac{1+\eta^2}{2}\,GG^T\nabla\log p]dt + \eta G\,d\bar W`.
 
         See :class:`sdekit.dynamics.ReverseSDE`.
         """
         return ReverseSDE(self, score, eta=eta, t_eps=t_eps)
 
-    def probability_flow(self, score: Callable, t_eps: float = 1e-3):
+    def probability_flow(self, score: Callable, t_eps: float = SAMPLING_T_EPS):
         r"""The probability-flow ODE :math:`dx/dt = f - \frac12 GG^T\nabla\log p` (callable as ``(t, x)``).
 
         See :class:`sdekit.dynamics.ProbabilityFlowODE`.
@@ -222,8 +223,9 @@ class LinearSDE(SDE):
     Parameters
     ----------
     f, g:
-        Callables of a float64 tensor ``t`` (elementwise; constants allowed). ``g`` must be
-        positive and finite on ``(0, T]``.
+        Callables of a float64 tensor ``t`` (elementwise), or constants (real numbers, e.g.
+        ``LinearSDE(-0.5, 1.0)`` is the Ornstein–Uhlenbeck process with $\theta = 0.5$). ``g``
+        must be positive and finite on ``(0, T]``.
     T:
         End time (> 0).
     kernel:
@@ -330,13 +332,19 @@ class LinearSDE(SDE):
         return broadcast_to_data(self.kernel.m(t64), x), broadcast_to_data(self.kernel.sigma(t64), x)
 
     # -- kernel API --------------------------------------------------------------------------------
-    def sample_marginal(self, x0: torch.Tensor, t: TimeLike, generator: Optional[torch.Generator] = None
+    def marginal_sample(self, x0: torch.Tensor, t: TimeLike, generator: Optional[torch.Generator] = None
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Draw :math:`x_t = m(t)x_0 + \\sigma(t)\\varepsilon`; returns ``(x_t, eps)``."""
+        """Draw $x_t = m(t)x_0 + \\sigma(t)\\varepsilon$ from the kernel; returns ``(x_t, eps)``.
+
+        Named like `prior_sample` / `prior_log_prob` and `marginal_log_prob` (the kernel's
+        density); ``sample_marginal`` is the same method under its old name.
+        """
         x0, t64 = self._check_xt(x0, t, "x0")
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
         m, s = self._coefs(t64, x0)
         return m * x0 + s * eps, eps
+
+    sample_marginal = marginal_sample  # the old name, kept as an alias
 
     def marginal_log_prob(self, x_t: torch.Tensor, x0: torch.Tensor, t: TimeLike) -> torch.Tensor:
         """:math:`\\log N(x_t; m x_0, \\sigma^2 I)` summed over non-batch dims, shape ``(B,)``."""

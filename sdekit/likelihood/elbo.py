@@ -58,6 +58,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from .._defaults import LIKELIHOOD_T_EPS
 from .._gaussian import gaussian_log_prob
 from .._validation import check_bool, check_choice, check_generator, check_int, check_positive, check_state, short
 from ..processes import LinearSDE
@@ -149,7 +150,7 @@ def _check_elbo_args(sde, score, x0, n_t, n_eps, max_batch, generator, t_eps, im
 
 
 def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n_eps: int = 1,
-         generator: Optional[torch.Generator] = None, t_eps: float = 1e-5, importance="auto",
+         generator: Optional[torch.Generator] = None, t_eps: float = LIKELIHOOD_T_EPS, importance="auto",
          antithetic: bool = True, control_variate: bool = True, data_var: float = 1.0,
          prior_log_prob: Optional[Callable] = None, max_batch: int = 8192) -> ElboResult:
     r"""Monte-Carlo estimate of the ELBO :math:`\mathcal L(x) \le \log p^\theta_{t_\varepsilon}(x)` (module docs).
@@ -170,9 +171,8 @@ def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n
     generator:
         ``torch.Generator`` for all randomness (same seed, same estimate).
     t_eps:
-        The data-side end of the time integral, in ``(0, T)``. Default 1e-5, the likelihood
-        default (the rule is stated in ``docs/concepts.md``: likelihoods stop at 1e-5, sampling
-        at 1e-3).
+        The data-side end of the time integral, in ``(0, T)``. Default ``LIKELIHOOD_T_EPS`` = 1e-5
+        (the rule, in ``docs/concepts.md``: likelihoods stop at 1e-5, sampling at 1e-3).
     importance:
         ``"auto"`` or ``"log_snr"``: t with density :math:`\propto g^2/\sigma^2` (uniform
         log-SNR); ``None`` or ``"uniform"``: t uniform on ``[t_eps, T]``; ``"mixture"``: each

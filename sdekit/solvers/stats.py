@@ -2,7 +2,7 @@
 
 NFE counts calls of the score (or, for a process without a score, the drift) made by the solver,
 including initial-step probes and rejected steps and a final denoising step, excluding a
-backend's own argument-validation calls (see ``CONVENTIONS.md``).
+backend's own argument-validation calls (see ``docs/concepts.md``, "Errors and validation").
 """
 
 from __future__ import annotations
