@@ -26,7 +26,7 @@ import torch
 
 from ._defaults import SAMPLING_T_EPS
 from ._process_base import ProcessBase, PublicCoefficients, apply_diffusion
-from ._validation import TimeLike, broadcast_to_data, check_positive, check_state, check_time_range, time_for
+from ._validation import TimeLike, broadcast_to_data, check_callable, check_positive, check_state, check_time_range, time_for
 
 __all__ = [
     "ReverseSDE",
@@ -109,8 +109,7 @@ class _Derived:
     def _init_common(self, sde, score, t_eps):
         if not isinstance(sde, ProcessBase):
             raise TypeError(f"sde must be a sdekit.SDE, got {type(sde).__name__}")
-        if not callable(score):
-            raise TypeError(f"score must be callable (x, t) -> tensor, got {type(score).__name__}")
+        check_callable(score, "score")
         t_eps = check_positive(t_eps, "t_eps")
         if t_eps >= sde.T:
             raise ValueError(f"t_eps must be < T = {sde.T}; got t_eps={t_eps}")
@@ -129,8 +128,7 @@ class _Derived:
 
         Raises ``TypeError`` if ``score`` is not callable.
         """
-        if not callable(score):
-            raise TypeError(f"score must be callable (x, t) -> tensor, got {type(score).__name__}")
+        check_callable(score, "score")
         new = copy.copy(self)
         if isinstance(new, torch.nn.Module):
             new._modules = type(new._modules)(new._modules)  # own registry: the original is untouched

@@ -37,6 +37,7 @@ from ._validation import (
     TimeLike,
     as_time,
     broadcast_to_data,
+    check_callable,
     check_choice,
     check_positive,
     check_state,
@@ -104,10 +105,8 @@ class SDE(ProcessBase):
 
     def __init__(self, drift: Callable, diffusion: Callable, noise: str = "isotropic", T: float = 1.0,
                  prior=None, diffusion_divergence: Optional[Callable] = None):
-        if not callable(drift):
-            raise TypeError(f"drift must be callable (x, t) -> tensor, got {type(drift).__name__}")
-        if not callable(diffusion):
-            raise TypeError(f"diffusion must be callable (x, t) -> tensor, got {type(diffusion).__name__}")
+        check_callable(drift, "drift")
+        check_callable(diffusion, "diffusion")
         check_choice(noise, "noise", NOISE_KINDS)
         self.T = _check_T(T)
         self.noise = noise

@@ -60,7 +60,8 @@ import torch
 
 from .._defaults import LIKELIHOOD_T_EPS
 from .._gaussian import gaussian_log_prob
-from .._validation import check_bool, check_choice, check_generator, check_int, check_positive, check_state, short
+from .._validation import check_bool, check_callable, check_choice, check_generator, check_int, check_positive, check_state, short
+from ..dynamics import evaluate_score
 from ..processes import LinearSDE
 from ..solvers.stats import SolverStats
 
@@ -130,8 +131,7 @@ def _check_elbo_args(sde, score, x0, n_t, n_eps, max_batch, generator, t_eps, im
     if not isinstance(sde, LinearSDE):
         raise TypeError(f"sde must be a sdekit.LinearSDE (the bound uses its Gaussian kernel), got "
                         f"{type(sde).__name__}")
-    if not callable(score):
-        raise TypeError(f"score must be callable (x, t) -> tensor, got {type(score).__name__}")
+    check_callable(score, "score")
     x0 = check_state(x0, "x0")
     n_t, n_eps = check_int(n_t, "n_t", 2), check_int(n_eps, "n_eps", 1)
     max_batch = check_int(max_batch, "max_batch", 1)
@@ -144,8 +144,7 @@ def _check_elbo_args(sde, score, x0, n_t, n_eps, max_batch, generator, t_eps, im
     check_bool(antithetic, "antithetic")
     check_bool(control_variate, "control_variate")
     v = check_positive(data_var, "data_var")
-    if prior_log_prob is not None and not callable(prior_log_prob):
-        raise TypeError(f"prior_log_prob must be callable z -> (N,) or None, got {type(prior_log_prob).__name__}")
+    check_callable(prior_log_prob, "prior_log_prob", "z -> (N,)", allow_none=True)
     return x0, n_t, n_eps, max_batch, t_eps, mode, v
 
 
@@ -308,11 +307,7 @@ def _prior_draws(prior_log_prob, zT, dtype, event):
 
 
 def _call_score(score: Callable, x64: torch.Tensor, t64: torch.Tensor, dtype: torch.dtype, event) -> torch.Tensor:
-    x = x64.to(dtype).reshape(x64.shape[0], *event)
-    s = score(x, t64.to(dtype))
-    if not isinstance(s, torch.Tensor) or s.shape != x.shape:
-        raise ValueError(f"score(x, t) must return a tensor shaped like x {tuple(x.shape)}, got "
-                         f"{getattr(s, 'shape', type(s).__name__)}")
+    s = evaluate_score(score, x64.to(dtype).reshape(x64.shape[0], *event), t64)
     s = s.detach().to(F64).reshape(x64.shape[0], -1)
     if not bool(torch.isfinite(s).all()):
         bad = ~torch.isfinite(s).all(1)
