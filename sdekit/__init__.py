@@ -2,8 +2,16 @@
 
 The chain a reader follows: processes → kernels → dynamics (reverse SDE, PF ODE) → solvers →
 likelihood → studies; ``oracles`` (exact Gaussian mixtures) and ``fokker_planck`` support tests.
+``import sdekit`` loads every documented submodule: ``sdekit.kernels``, ``sdekit.parameterization``,
+``sdekit.solvers``, ``sdekit.likelihood``, ``sdekit.oracles``, ``sdekit.studies``.
+
+Default ``t_eps`` (the data-side end of every time interval; stated once in
+``docs/concepts.md``, "Where time stops: t_eps"): sampling (``SDE.reverse``,
+``SDE.probability_flow``) stops at ``SAMPLING_T_EPS = 1e-3``, likelihoods
+(``log_likelihood``, ``elbo``) at ``LIKELIHOOD_T_EPS = 1e-5``.
 """
 
+from ._defaults import LIKELIHOOD_T_EPS, SAMPLING_T_EPS
 from .processes import (
     NOISE_KINDS,
     SDE,
@@ -23,19 +31,35 @@ from .parameterization import (
     score_from_v,
     tweedie_covariance,
     tweedie_denoise,
+    tweedie_mean,
 )
 from . import kernels
+from . import parameterization
 from . import oracles
 from .oracles import GaussianMixture
 from .fokker_planck import fokker_planck_residual
+from . import solvers
 from .solvers import Solution, SolverError, SolverStats, solve
+from . import likelihood
+from .likelihood import (
+    DataTransform,
+    ElboResult,
+    LikelihoodResult,
+    UniformDequantization,
+    bits_per_dim,
+    elbo,
+    log_likelihood,
+)
+from . import studies
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SDE", "LinearSDE", "VPSDE", "SubVPSDE", "VESDE", "CosineVPSDE", "OrnsteinUhlenbeck",
     "NOISE_KINDS", "ReverseSDE", "ProbabilityFlowODE", "score_from_eps", "score_from_denoiser",
-    "score_from_v", "eps_from_score", "denoiser_from_score", "tweedie_denoise",
-    "tweedie_covariance", "kernels", "solve", "Solution", "SolverStats", "SolverError",
-    "oracles", "GaussianMixture", "fokker_planck_residual",
+    "score_from_v", "eps_from_score", "denoiser_from_score", "tweedie_mean", "tweedie_denoise",
+    "tweedie_covariance", "kernels", "parameterization", "solve", "Solution", "SolverStats",
+    "SolverError", "solvers", "oracles", "GaussianMixture", "fokker_planck_residual", "likelihood",
+    "log_likelihood", "LikelihoodResult", "elbo", "ElboResult", "bits_per_dim", "DataTransform",
+    "UniformDequantization", "studies", "SAMPLING_T_EPS", "LIKELIHOOD_T_EPS",
 ]

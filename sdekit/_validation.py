@@ -8,7 +8,7 @@ float64; a time is a Python float, a 0-d tensor or a ``(B,)`` tensor and broadca
 of any rank.
 
 The scalar validators are the one set the package uses: `check_real`, `check_positive`,
-`check_int`, `check_bool`, `check_choice`, `check_generator`. Each returns the normalised value
+`check_int`, `check_bool`, `check_choice`, `check_generator`, `check_callable`. Each returns the normalised value
 (a Python ``float``/``int``/``bool``).
 """
 
@@ -34,6 +34,7 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_generator",
+    "check_callable",
     "broadcast_to_data",
     "time_for",
     "short",
@@ -179,6 +180,15 @@ def check_choice(value: Any, name: str, choices: Sequence[Any]) -> Any:
         ok = False
     if not ok:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_callable(value: Any, name: str, signature: str = "(x, t) -> tensor", *, allow_none: bool = False) -> Any:
+    """Return ``value`` if it is callable (or ``None`` when ``allow_none``); else ``TypeError``
+    saying what ``name`` must be: ``"{name} must be callable {signature}[ or None], got <type>"``."""
+    if not (callable(value) or (allow_none and value is None)):
+        raise TypeError(f"{name} must be callable {signature}{' or None' if allow_none else ''}, "
+                        f"got {type(value).__name__}")
     return value
 
 

@@ -19,12 +19,14 @@ to torchsde (:meth:`ReverseSDE.to_torchsde`, which runs in the increasing variab
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .processes import PublicCoefficients, apply_diffusion
-from ._validation import TimeLike, broadcast_to_data, check_positive, check_state, check_time_range, time_for
+from ._defaults import SAMPLING_T_EPS
+from ._process_base import ProcessBase, PublicCoefficients, apply_diffusion
+from ._validation import TimeLike, broadcast_to_data, check_callable, check_positive, check_state, check_time_range, time_for
 
 __all__ = [
     "ReverseSDE",
@@ -105,17 +107,36 @@ class _Derived:
     """Shared pieces of the reverse SDE and the PF ODE: validation and the corrected drift."""
 
     def _init_common(self, sde, score, t_eps):
-        from .processes import SDE
-
-        if not isinstance(sde, SDE):
+        if not isinstance(sde, ProcessBase):
             raise TypeError(f"sde must be a sdekit.SDE, got {type(sde).__name__}")
-        if not callable(score):
-            raise TypeError(f"score must be callable (x, t) -> tensor, got {type(score).__name__}")
+        check_callable(score, "score")
         t_eps = check_positive(t_eps, "t_eps")
         if t_eps >= sde.T:
             raise ValueError(f"t_eps must be < T = {sde.T}; got t_eps={t_eps}")
         self.sde, self.score_fn, self.T, self.t_eps = sde, score, sde.T, t_eps
-        self.t_start, self.t_end, self.direction = sde.T, t_eps, -1
+        self.t_start, self.t_end = sde.T, t_eps
+
+    def with_score(self, score: Callable):
+        r"""A copy of this problem driven by ``score`` instead; everything else is shared.
+
+        The process, $\eta$, ``t_eps`` and the time direction are the same objects; the
+        original is not changed. For the probability-flow ODE (an ``nn.Module``) the copy gets its
+        own module registry: a ``score`` that is an ``nn.Module`` is registered as
+        ``score_module`` (its parameters are what adjoint methods differentiate); any other
+        callable — typically a wrapper of the old score, such as an evaluation counter — keeps
+        the original's registered score module, so its parameters stay visible.
+
+        Raises ``TypeError`` if ``score`` is not callable.
+        """
+        check_callable(score, "score")
+        new = copy.copy(self)
+        if isinstance(new, torch.nn.Module):
+            new._modules = type(new._modules)(new._modules)  # own registry: the original is untouched
+            new._modules.pop("score_fn", None)
+            if isinstance(score, torch.nn.Module):
+                new._modules["score_module"] = score
+        new.__dict__["score_fn"] = score
+        return new
 
     def _drift(self, x, t64):
         r"""$f + c(t)\,(D\nabla\log p + \nabla\cdot D)$ with $c$ = ``_score_coefficient(t)``."""
@@ -156,13 +177,13 @@ class _Derived:
 class ReverseSDE(PublicCoefficients, _Derived):
     r"""The reverse-time SDE :math:`dx = [f - \frac{1+\eta^2}{2}(D\nabla\log p + \nabla\cdot D)]dt + \eta G\,d\bar W`.
 
-    Integrated from ``t_start = T`` down to ``t_end = t_eps``. ``eta`` is a non-negative number or
-    a function of float64 t (η = 1: Anderson's reverse SDE).
+    Integrated from ``t_start = T`` down to ``t_end = t_eps``. ``eta`` is any non-negative number or
+    a function of float64 t (η = 1: Anderson's reverse SDE); every η ≥ 0 gives the same marginals.
+    ``t_eps`` defaults to ``sdekit.SAMPLING_T_EPS`` = 1e-3 (the rule for defaults is stated in
+    ``docs/concepts.md``, "Where time stops").
     """
 
-    kind = "sde"
-
-    def __init__(self, sde, score: Callable, eta: Union[float, Callable] = 1.0, t_eps: float = 1e-3):
+    def __init__(self, sde, score: Callable, eta: Union[float, Callable] = 1.0, t_eps: float = SAMPLING_T_EPS):
         self._init_common(sde, score, t_eps)
         self.eta = eta
         self._eta = _eta_fn(eta)
@@ -206,12 +227,11 @@ class ProbabilityFlowODE(torch.nn.Module, _Derived):
     torchdiffeq integrates it from ``T`` to ``t_eps`` directly (``odeint(ode, x_T,
     torch.tensor([ode.T, ode.t_eps]))``). If ``score`` is an ``nn.Module`` it is registered as a
     submodule so adjoint methods see its parameters. Set ``check_inputs = False`` to skip the
-    per-call range check (solvers validate their grid once).
+    per-call range check (solvers validate their grid once). ``t_eps`` defaults to
+    ``sdekit.SAMPLING_T_EPS`` = 1e-3 (see ``docs/concepts.md``, "Where time stops").
     """
 
-    kind = "ode"
-
-    def __init__(self, sde, score: Callable, t_eps: float = 1e-3):
+    def __init__(self, sde, score: Callable, t_eps: float = SAMPLING_T_EPS):
         torch.nn.Module.__init__(self)
         self._init_common(sde, score, t_eps)
         if isinstance(score, torch.nn.Module):

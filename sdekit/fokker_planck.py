@@ -22,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from ._validation import TimeLike, check_state, check_time_range, time_for
+from .processes import SDE
+from ._validation import TimeLike, check_callable, check_state, check_time_range, time_for
 
 __all__ = ["fokker_planck_residual"]
 
@@ -67,12 +68,9 @@ def fokker_planck_residual(sde, log_density: Callable, x: torch.Tensor, t: TimeL
     -------
     ``(B,)`` tensor (x's dtype, detached): the residual at each point.
     """
-    from .processes import SDE
-
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be a sdekit.SDE, got {type(sde).__name__}")
-    if not callable(log_density):
-        raise TypeError(f"log_density must be callable (x, t) -> (B,) tensor, got {type(log_density).__name__}")
+    check_callable(log_density, "log_density", "(x, t) -> (B,) tensor")
     x = check_state(x, "x")
     t64 = time_for(t, x)
     check_time_range(t64, sde.T)

@@ -49,13 +49,22 @@ CoefFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def wrap_time_function(fn: Callable, name: str) -> CoefFn:
-    """Wrap a user callable of time so it maps a float64 tensor to a float64 tensor of the same shape.
+    """Wrap a user coefficient of time so it maps a float64 tensor to a float64 tensor of the same shape.
 
-    Constants (Python numbers or 0-d tensors) are broadcast. Anything else of the wrong shape
-    raises ``ValueError`` naming ``name``.
+    ``fn`` is a callable of ``t`` or a constant (a real number or a 0-d real tensor, e.g.
+    ``f=-0.5``). A callable may also return a constant (a number or a 0-d tensor), which is
+    broadcast. Anything else of the wrong shape raises ``ValueError`` naming ``name``; a value
+    that is neither callable nor a real number raises ``TypeError``.
     """
+    if isinstance(fn, torch.Tensor) and fn.dim() == 0 and fn.dtype.is_floating_point:
+        fn = float(fn)
+    if isinstance(fn, (int, float)) and not isinstance(fn, bool):
+        value = float(fn)
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {fn!r}")
+        return lambda t: torch.full_like(t, value, dtype=F64)
     if not callable(fn):
-        raise TypeError(f"{name} must be a callable of t, got {type(fn).__name__}: {fn!r}")
+        raise TypeError(f"{name} must be a callable of t or a real number, got {type(fn).__name__}: {fn!r}")
 
     def wrapped(t: torch.Tensor) -> torch.Tensor:
         try:

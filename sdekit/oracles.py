@@ -39,6 +39,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from ._gaussian import LOG_2PI, gaussian_log_prob
+from .processes import LinearSDE
 from ._validation import TimeLike, as_time, check_bool, check_int, check_state, check_time_range, short, time_for
 
 __all__ = ["GaussianMixture"]
@@ -62,8 +63,6 @@ def _as_f64(value, name: str) -> torch.Tensor:
 
 
 def _linear_sde(sde):
-    from .processes import LinearSDE
-
     if not isinstance(sde, LinearSDE):
         raise TypeError(
             f"sde must be a sdekit.LinearSDE (the exact marginal needs the Gaussian kernel "
@@ -282,8 +281,9 @@ class GaussianMixture:
         x = check_state(x, name)
         tail = tuple(x.shape[1:])
         if tail != self.event_shape and tail != (self.dim,):
-            raise ValueError(f"{name} must have shape (B, {', '.join(map(str, self.event_shape))}) "
-                             f"or (B, {self.dim}) for this mixture; got {tuple(x.shape)}")
+            shapes = {f"(B, {', '.join(map(str, self.event_shape))})", f"(B, {self.dim})"}
+            raise ValueError(f"{name} must have shape {' or '.join(sorted(shapes))} for this mixture; "
+                             f"got {tuple(x.shape)}")
         return x.reshape(x.shape[0], self.dim)
 
     # Below this many (B * K * d [* d for full]) elements all components are evaluated at once
@@ -431,12 +431,8 @@ class GaussianMixture:
             if idx.numel() == 0:
                 continue
             e = eps[idx]
-            if self._kind == "iso":
-                out[idx] = mu[k] + torch.sqrt(lam[k]) * e
-            elif self._kind == "diag":
-                out[idx] = mu[k] + torch.sqrt(lam[k]) * e
-            else:
-                out[idx] = mu[k] + (torch.sqrt(lam[k]) * e) @ U[k].transpose(0, 1)
+            scaled = torch.sqrt(lam[k]) * e  # iso: lam[k] a scalar; diag and full: per eigen-direction
+            out[idx] = mu[k] + (scaled @ U[k].transpose(0, 1) if self._kind == "full" else scaled)
         out = out.reshape((n,) + self.event_shape)
         return out.to(dtype=dtype, device=device if device is not None else gdev)
 

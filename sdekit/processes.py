@@ -29,11 +29,15 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 
 from . import kernels as K
+from ._defaults import SAMPLING_T_EPS
+from ._process_base import ProcessBase, apply_diffusion
+from .dynamics import ProbabilityFlowODE, ReverseSDE, TorchsdeAdapter
 from ._gaussian import gaussian_log_prob
 from ._validation import (
     TimeLike,
     as_time,
     broadcast_to_data,
+    check_callable,
     check_choice,
     check_positive,
     check_state,
@@ -57,15 +61,6 @@ NOISE_KINDS = ("isotropic", "diagonal", "general")
 F64 = torch.float64
 
 
-def apply_diffusion(noise: str, G: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """:math:`G v` for a diffusion coefficient ``G`` in the layout of ``noise`` (see module docs)."""
-    if noise == "isotropic":
-        return broadcast_to_data(G, x) * v
-    if noise == "diagonal":
-        return G * v
-    return torch.einsum("bij,bj->bi", G, v)
-
-
 def _check_T(T) -> float:
     return check_positive(T, "T")
 
@@ -84,23 +79,7 @@ def _batch_time(t64: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t64.to(dtype=x.dtype, device=x.device).expand(x.shape[0])
 
 
-class PublicCoefficients:
-    """Validated public ``drift(x, t)`` / ``diffusion(x, t)`` over the unvalidated ``_drift`` /
-    ``_diffusion`` that solvers call (shared by forward and reverse-time processes)."""
-
-    def drift(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """Drift at ``(x, t)``, shaped like ``x`` (in actual time: integrating towards smaller t
-        uses ``dx = drift * dt`` with dt < 0)."""
-        x, t64 = self._check_xt(x, t)
-        return self._drift(x, t64)
-
-    def diffusion(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """Diffusion coefficient at ``(x, t)`` in the layout of the noise kind (module docs)."""
-        x, t64 = self._check_xt(x, t)
-        return self._diffusion(x, t64)
-
-
-class SDE(PublicCoefficients):
+class SDE(ProcessBase):
     r"""A general Itô SDE :math:`dx = f(x,t)\,dt + G(x,t)\,dW` on :math:`t \in [0, T]`.
 
     Parameters
@@ -126,10 +105,8 @@ class SDE(PublicCoefficients):
 
     def __init__(self, drift: Callable, diffusion: Callable, noise: str = "isotropic", T: float = 1.0,
                  prior=None, diffusion_divergence: Optional[Callable] = None):
-        if not callable(drift):
-            raise TypeError(f"drift must be callable (x, t) -> tensor, got {type(drift).__name__}")
-        if not callable(diffusion):
-            raise TypeError(f"diffusion must be callable (x, t) -> tensor, got {type(diffusion).__name__}")
+        check_callable(drift, "drift")
+        check_callable(diffusion, "diffusion")
         check_choice(noise, "noise", NOISE_KINDS)
         self.T = _check_T(T)
         self.noise = noise
@@ -180,9 +157,6 @@ class SDE(PublicCoefficients):
         r""":math:`G(x,t)\,dW` with ``dW`` shaped like ``x`` (``(B, m)`` for general noise)."""
         return apply_diffusion(self.noise, self._diffusion(x, t64), x, dW)
 
-    kind = "sde"
-    direction = 1
-
     @property
     def t_start(self) -> float:
         """Forward processes run from 0 (data) ..."""
@@ -195,8 +169,6 @@ class SDE(PublicCoefficients):
 
     def to_torchsde(self, shape: Sequence[int]):
         """A torchsde-compatible module (flattened states, Itô) for the forward process."""
-        from .dynamics import TorchsdeAdapter
-
         return TorchsdeAdapter(self, shape, 0.0, direction=1)
 
     # -- public, validated -----------------------------------------------------------------------
@@ -226,22 +198,18 @@ class SDE(PublicCoefficients):
         return self.prior.log_prob(check_state(z, "z"))
 
     # -- derived dynamics ------------------------------------------------------------------------
-    def reverse(self, score: Callable, eta: Union[float, Callable] = 1.0, t_eps: float = 1e-3):
+    def reverse(self, score: Callable, eta: Union[float, Callable] = 1.0, t_eps: float = SAMPLING_T_EPS):
         r"""The reverse-time family :math:`dx = [f - \frac{1+\eta^2}{2}\,GG^T\nabla\log p]dt + \eta G\,d\bar W`.
 
         See :class:`sdekit.dynamics.ReverseSDE`.
         """
-        from .dynamics import ReverseSDE
-
         return ReverseSDE(self, score, eta=eta, t_eps=t_eps)
 
-    def probability_flow(self, score: Callable, t_eps: float = 1e-3):
+    def probability_flow(self, score: Callable, t_eps: float = SAMPLING_T_EPS):
         r"""The probability-flow ODE :math:`dx/dt = f - \frac12 GG^T\nabla\log p` (callable as ``(t, x)``).
 
         See :class:`sdekit.dynamics.ProbabilityFlowODE`.
         """
-        from .dynamics import ProbabilityFlowODE
-
         return ProbabilityFlowODE(self, score, t_eps=t_eps)
 
     def __repr__(self):
@@ -254,8 +222,9 @@ class LinearSDE(SDE):
     Parameters
     ----------
     f, g:
-        Callables of a float64 tensor ``t`` (elementwise; constants allowed). ``g`` must be
-        positive and finite on ``(0, T]``.
+        Callables of a float64 tensor ``t`` (elementwise), or constants (real numbers, e.g.
+        ``LinearSDE(-0.5, 1.0)`` is the Ornstein–Uhlenbeck process with $\theta = 0.5$). ``g``
+        must be positive and finite on ``(0, T]``.
     T:
         End time (> 0).
     kernel:
@@ -362,13 +331,19 @@ class LinearSDE(SDE):
         return broadcast_to_data(self.kernel.m(t64), x), broadcast_to_data(self.kernel.sigma(t64), x)
 
     # -- kernel API --------------------------------------------------------------------------------
-    def sample_marginal(self, x0: torch.Tensor, t: TimeLike, generator: Optional[torch.Generator] = None
+    def marginal_sample(self, x0: torch.Tensor, t: TimeLike, generator: Optional[torch.Generator] = None
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Draw :math:`x_t = m(t)x_0 + \\sigma(t)\\varepsilon`; returns ``(x_t, eps)``."""
+        """Draw $x_t = m(t)x_0 + \\sigma(t)\\varepsilon$ from the kernel; returns ``(x_t, eps)``.
+
+        Named like `prior_sample` / `prior_log_prob` and `marginal_log_prob` (the kernel's
+        density); ``sample_marginal`` is the same method under its old name.
+        """
         x0, t64 = self._check_xt(x0, t, "x0")
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
         m, s = self._coefs(t64, x0)
         return m * x0 + s * eps, eps
+
+    sample_marginal = marginal_sample  # the old name, kept as an alias
 
     def marginal_log_prob(self, x_t: torch.Tensor, x0: torch.Tensor, t: TimeLike) -> torch.Tensor:
         """:math:`\\log N(x_t; m x_0, \\sigma^2 I)` summed over non-batch dims, shape ``(B,)``."""

@@ -1,5 +1,5 @@
 """Bad input raises ValueError / TypeError at the public boundary, naming the argument (and,
-where there is one, the offending value) -- CONVENTIONS.md, "Errors"."""
+where there is one, the offending value) -- docs/concepts.md, "Errors and validation"."""
 
 import math
 
@@ -169,8 +169,12 @@ def test_coefficient_not_tensor_friendly(which):
 
 
 def test_coefficient_not_callable_or_missing():
-    with pytest.raises(TypeError, match=r"\bf must be a callable of t, got float: 0\.5"):
-        sdekit.LinearSDE(0.5, good_g)
+    with pytest.raises(TypeError, match=r"\bf must be a callable of t or a real number, got str: '0\.5'"):
+        sdekit.LinearSDE("0.5", good_g)
+    with pytest.raises(TypeError, match=r"\bg must be a callable of t or a real number, got bool"):
+        sdekit.LinearSDE(good_f, True)
+    with pytest.raises(ValueError, match=r"\bf must be finite, got nan"):
+        sdekit.LinearSDE(float("nan"), good_g)
     with pytest.raises(TypeError, match=r"needs both f and g"):
         sdekit.LinearSDE(good_f, None)
     with pytest.raises(TypeError, match=r"\bkernel must be"):

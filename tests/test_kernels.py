@@ -1,7 +1,7 @@
 """Perturbation kernels checked against ground truth written here: adaptive quadrature (scipy),
 closed forms in numpy, finite differences and hand-derived SDE coefficients.
 
-Conventions (CONVENTIONS.md): x_t | x_0 ~ N(m(t) x_0, sigma(t)^2 I), m = exp(int_0^t f),
+Conventions (docs/concepts.md, section 1): x_t | x_0 ~ N(m(t) x_0, sigma(t)^2 I), m = exp(int_0^t f),
 sigma^2 = m^2 int_0^t g^2/m^2, lambda = log(m^2/sigma^2).
 """
 

@@ -22,7 +22,7 @@ def test_readme_has_an_example():
     blocks = example_blocks()
     assert blocks, "no ```python block under the Example section"
     code = "\n".join(blocks)
-    for needle in ("LinearSDE(", "marginal(", "sample_marginal(", "reverse(", "probability_flow(", "torchdiffeq"):
+    for needle in ("LinearSDE(", "marginal(", "marginal_sample(", "reverse(", "probability_flow(", "torchdiffeq"):
         assert needle in code, needle
 
 

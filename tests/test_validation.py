@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sdekit._validation import (check_bool, check_choice, check_generator, check_int, check_positive,
+from sdekit._validation import (check_bool, check_callable, check_choice, check_generator, check_int, check_positive,
                                 check_real)
 
 
@@ -84,3 +84,12 @@ def test_check_bool_choice_generator():
     assert check_generator(g) is g and check_generator(None) is None
     with pytest.raises(TypeError, match=r"^generator must be a torch.Generator or None, got int$"):
         check_generator(3)
+
+
+def test_check_callable():
+    f = lambda x, t: x  # noqa: E731
+    assert check_callable(f, "score") is f and check_callable(None, "p", "z -> (N,)", allow_none=True) is None
+    with pytest.raises(TypeError, match=r"^score must be callable \(x, t\) -> tensor, got int$"):
+        check_callable(3, "score")
+    with pytest.raises(TypeError, match=r"^p must be callable z -> \(N,\) or None, got str$"):
+        check_callable("f", "p", "z -> (N,)", allow_none=True)

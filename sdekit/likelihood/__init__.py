@@ -11,19 +11,10 @@ from .divergence import (
     hutchinson_divergence,
 )
 from .ode import DIVERGENCES, GaussianDataPrior, LikelihoodResult, log_likelihood
+from .transforms import DataTransform, UniformDequantization, bits_per_dim
+from .elbo import ElboResult, elbo
 
 __all__ = ["log_likelihood", "LikelihoodResult", "GaussianDataPrior", "exact_divergence",
-           "hutchinson_divergence", "draw_probes", "NotDifferentiableError", "PROBES", "DIVERGENCES"]
+           "hutchinson_divergence", "draw_probes", "NotDifferentiableError", "PROBES", "DIVERGENCES",
+           "DataTransform", "UniformDequantization", "bits_per_dim", "elbo", "ElboResult"]
 
-try:  # written alongside this module (data transforms, dequantization, bits per dimension)
-    from .transforms import DataTransform, UniformDequantization, bits_per_dim  # noqa: F401
-
-    __all__ += ["DataTransform", "UniformDequantization", "bits_per_dim"]
-except ImportError:  # pragma: no cover - until transforms.py lands
-    pass
-try:
-    from .elbo import elbo  # noqa: F401
-
-    __all__ += ["elbo"]
-except ImportError:  # pragma: no cover - until elbo.py lands
-    pass

@@ -58,9 +58,11 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from .._defaults import LIKELIHOOD_T_EPS
 from .._gaussian import gaussian_log_prob
 from ..time_sampling import sample_times
-from .._validation import check_bool, check_choice, check_generator, check_int, check_positive, check_state, short
+from .._validation import check_bool, check_callable, check_choice, check_generator, check_int, check_positive, check_state, short
+from ..dynamics import evaluate_score
 from ..processes import LinearSDE
 from ..solvers.stats import SolverStats
 
@@ -130,8 +132,7 @@ def _check_elbo_args(sde, score, x0, n_t, n_eps, max_batch, generator, t_eps, im
     if not isinstance(sde, LinearSDE):
         raise TypeError(f"sde must be a sdekit.LinearSDE (the bound uses its Gaussian kernel), got "
                         f"{type(sde).__name__}")
-    if not callable(score):
-        raise TypeError(f"score must be callable (x, t) -> tensor, got {type(score).__name__}")
+    check_callable(score, "score")
     x0 = check_state(x0, "x0")
     n_t, n_eps = check_int(n_t, "n_t", 2), check_int(n_eps, "n_eps", 1)
     max_batch = check_int(max_batch, "max_batch", 1)
@@ -144,13 +145,12 @@ def _check_elbo_args(sde, score, x0, n_t, n_eps, max_batch, generator, t_eps, im
     check_bool(antithetic, "antithetic")
     check_bool(control_variate, "control_variate")
     v = check_positive(data_var, "data_var")
-    if prior_log_prob is not None and not callable(prior_log_prob):
-        raise TypeError(f"prior_log_prob must be callable z -> (N,) or None, got {type(prior_log_prob).__name__}")
+    check_callable(prior_log_prob, "prior_log_prob", "z -> (N,)", allow_none=True)
     return x0, n_t, n_eps, max_batch, t_eps, mode, v
 
 
 def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n_eps: int = 1,
-         generator: Optional[torch.Generator] = None, t_eps: float = 1e-5, importance="auto",
+         generator: Optional[torch.Generator] = None, t_eps: float = LIKELIHOOD_T_EPS, importance="auto",
          antithetic: bool = True, control_variate: bool = True, data_var: float = 1.0,
          prior_log_prob: Optional[Callable] = None, max_batch: int = 8192) -> ElboResult:
     r"""Monte-Carlo estimate of the ELBO :math:`\mathcal L(x) \le \log p^\theta_{t_\varepsilon}(x)` (module docs).
@@ -171,9 +171,8 @@ def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n
     generator:
         ``torch.Generator`` for all randomness (same seed, same estimate).
     t_eps:
-        The data-side end of the time integral, in ``(0, T)``. Default 1e-5, the likelihood
-        default (the rule is stated in ``docs/concepts.md``: likelihoods stop at 1e-5, sampling
-        at 1e-3).
+        The data-side end of the time integral, in ``(0, T)``. Default ``LIKELIHOOD_T_EPS`` = 1e-5
+        (the rule, in ``docs/concepts.md``: likelihoods stop at 1e-5, sampling at 1e-3).
     importance:
         ``"auto"`` or ``"log_snr"``: t with density :math:`\propto g^2/\sigma^2` (uniform
         log-SNR); ``None`` or ``"uniform"``: t uniform on ``[t_eps, T]``; ``"mixture"``: each
@@ -302,11 +301,7 @@ def _prior_draws(prior_log_prob, zT, dtype, event):
 
 
 def _call_score(score: Callable, x64: torch.Tensor, t64: torch.Tensor, dtype: torch.dtype, event) -> torch.Tensor:
-    x = x64.to(dtype).reshape(x64.shape[0], *event)
-    s = score(x, t64.to(dtype))
-    if not isinstance(s, torch.Tensor) or s.shape != x.shape:
-        raise ValueError(f"score(x, t) must return a tensor shaped like x {tuple(x.shape)}, got "
-                         f"{getattr(s, 'shape', type(s).__name__)}")
+    s = evaluate_score(score, x64.to(dtype).reshape(x64.shape[0], *event), t64)
     s = s.detach().to(F64).reshape(x64.shape[0], -1)
     if not bool(torch.isfinite(s).all()):
         bad = ~torch.isfinite(s).all(1)

@@ -2,7 +2,7 @@
 
 NFE counts calls of the score (or, for a process without a score, the drift) made by the solver,
 including initial-step probes and rejected steps and a final denoising step, excluding a
-backend's own argument-validation calls (see ``docs/solvers.md``).
+backend's own argument-validation calls (see ``docs/concepts.md``, "Errors and validation").
 """
 
 from __future__ import annotations
@@ -105,10 +105,13 @@ def counted_problem(problem, check_inputs: Optional[bool] = None) -> Tuple[Any, 
     them (the integrators keep every time inside the interval). The one place the solvers swap a
     problem's function.
     """
-    p = copy.copy(problem)
-    attr = "score_fn" if hasattr(problem, "score_fn") else "_drift"
-    counter = CountingFunction(getattr(problem, attr))
-    object.__setattr__(p, attr, counter)
+    if hasattr(problem, "with_score"):  # ReverseSDE / ProbabilityFlowODE: their own copy-with-score
+        counter = CountingFunction(problem.score_fn)
+        p = problem.with_score(counter)
+    else:  # a forward SDE: its drift is the counted function
+        counter = CountingFunction(problem._drift)
+        p = copy.copy(problem)
+        p._drift = counter
     if check_inputs is not None:
         p.check_inputs = check_inputs
     return p, counter
