@@ -34,6 +34,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from .._validation import check_positive, check_state, short
+from .._defaults import LIKELIHOOD_T_EPS
+from .._gaussian import gaussian_log_prob
 from ..dynamics import evaluate_score
 from ..processes import SDE, LinearSDE
 from ..solvers.integrate import ODE_BACKENDS, ODE_METHODS, integrate_ode
@@ -51,7 +53,6 @@ __all__ = ["log_likelihood", "LikelihoodResult", "GaussianDataPrior", "DIVERGENC
 F64 = torch.float64
 DIVERGENCES = ("auto", "exact", "hutchinson")
 BACKENDS = ODE_BACKENDS
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,12 +195,13 @@ class GaussianDataPrior:
             var = (m * m * self.var + s2).to(device=z.device)
             zz = z.to(F64)
             try:
-                lp = -0.5 * ((zz - mean) ** 2 / var + torch.log(var) + _LOG_2PI)
-                lp = lp.expand_as(zz)
+                lp = gaussian_log_prob(torch.broadcast_to(zz, torch.broadcast_shapes(zz.shape, mean.shape,
+                                                                                    var.shape)), mean, var,
+                                       event_dims=zz.dim() - 1)
             except RuntimeError as e:
                 raise ValueError(f"GaussianDataPrior mean {tuple(self.mean.shape)} / var {tuple(self.var.shape)} "
                                  f"do not broadcast to the data shape {tuple(z.shape[1:])}") from e
-            return lp.reshape(z.shape[0], -1).sum(1)
+            return lp
 
         return log_prob
 
@@ -321,7 +323,10 @@ def _preflight(score: Callable, x: torch.Tensor, T: float) -> Tuple[torch.Tensor
     Returns the tensors requiring grad that the score depends on (its parameters)."""
     x1 = x[:1].detach().requires_grad_(True)
     with torch.enable_grad():
-        s = evaluate_score(score, x1, torch.tensor(T, dtype=F64, device=x.device))
+        try:
+            s = evaluate_score(score, x1, torch.tensor(T, dtype=F64, device=x.device))
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"score(x, t) failed on the first sample x[:1] (x has shape {tuple(x.shape)}): {e}") from e
         if not bool(torch.isfinite(s.detach()).all()):
             raise ValueError(f"score(x[:1], T={T}) returned non-finite values; the probability-flow ODE "
                              f"cannot be integrated")
@@ -350,7 +355,7 @@ def _check_bool(v, name):
     return v
 
 
-def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float = 1e-5, method: str = "dopri5",
+def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float = LIKELIHOOD_T_EPS, method: str = "dopri5",
                    rtol: float = 1e-5, atol: float = 1e-5, divergence: str = "auto", probe: str = "rademacher",
                    n_probes: int = 1, generator: Optional[torch.Generator] = None, adjoint: bool = False,
                    norm: str = "batch", prior: Any = None, exact_dim_limit: int = 16,
