@@ -114,32 +114,25 @@ def _tmp_path(directory: Path, final: Path) -> Path:
     return Path(tmp)
 
 
+def _sha256(path: Path, fsync: bool = False) -> Tuple[str, int]:
+    """SHA-256 and size of a file (with ``fsync``: after forcing its contents to disk)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "r+b" if fsync else "rb") as f:
+        if fsync:
+            os.fsync(f.fileno())
+        while True:
+            chunk = f.read(_HASH_CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
 def _sha256_and_fsync(path: Path) -> Tuple[str, int]:
     """SHA-256 and size of a file, after forcing its contents to disk."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "r+b") as f:
-        os.fsync(f.fileno())
-        while True:
-            chunk = f.read(_HASH_CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
-def _sha256(path: Path) -> Tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_HASH_CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
+    return _sha256(path, fsync=True)
 
 
 def _prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -51,6 +51,10 @@ from .likelihood import (
     log_likelihood,
 )
 from . import studies
+from . import time_sampling
+from .time_sampling import sample_times
+from .config import process_config, process_from_config
+from .solvers import method_table
 
 __version__ = "0.1.0"
 
@@ -61,5 +65,6 @@ __all__ = [
     "tweedie_covariance", "kernels", "parameterization", "solve", "Solution", "SolverStats",
     "SolverError", "solvers", "oracles", "GaussianMixture", "fokker_planck_residual", "likelihood",
     "log_likelihood", "LikelihoodResult", "elbo", "ElboResult", "bits_per_dim", "DataTransform",
-    "UniformDequantization", "studies", "SAMPLING_T_EPS", "LIKELIHOOD_T_EPS",
+    "UniformDequantization", "studies", "SAMPLING_T_EPS", "LIKELIHOOD_T_EPS", "time_sampling", "sample_times",
+    "process_config", "process_from_config", "method_table",
 ]
