@@ -37,6 +37,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import integrate, stats
+from scipy.optimize import brentq
 
 import sdekit
 from sdekit.solvers import BrownianPath
@@ -346,7 +347,8 @@ def test_pf_ode_is_the_quantile_map_for_1d_mixtures(proc, mix, method, st_data):
     m_a, s2_a = kernel_at(sde, t_a)
     sd = math.sqrt(m_a * m_a * v.max() + s2_a)
     lo, hi = m_a * mu.min() - 8 * sd, m_a * mu.max() + 8 * sd
-    x_a = [integrate_root(lambda z: mixture_cdf(sde, w, mu, v, t_a, [z])[0] - u, lo, hi) for u in levels]
+    x_a = [brentq(lambda z: mixture_cdf(sde, w, mu, v, t_a, [z])[0] - u, lo, hi, xtol=1e-14, rtol=1e-14)
+           for u in levels]
     pf = sde.probability_flow(mixture_score_fn(sde, w, mu, v), t_eps=min(t_b, 1e-3))
     x = torch.tensor(x_a, dtype=F64)[:, None]
     if method == "rk4":
@@ -355,12 +357,6 @@ def test_pf_ode_is_the_quantile_map_for_1d_mixtures(proc, mix, method, st_data):
         out = sdekit.solve(pf, x, t_start=t_a, t_end=t_b, method="dopri5", rtol=1e-9, atol=1e-9).x
     F_b = mixture_cdf(sde, w, mu, v, t_b, out[:, 0].numpy())
     assert np.abs(F_b - levels).max() < QUANTILE_TOL, (label, method, F_b)
-
-
-def integrate_root(fn, lo, hi):
-    from scipy.optimize import brentq
-
-    return brentq(fn, lo, hi, xtol=1e-14, rtol=1e-14)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -402,7 +402,9 @@ STEP_T, STEP_S = 0.6, 0.1  # one big step: sigma_s / sigma_t = 0.33
 def _drawn_noise(shape, seed, t, s):
     r"""The standard normal draw of a one-step solve with generator seed ``seed``, recovered from
     Euler–Maruyama on the reverse SDE with a zero score from x = 0: its output is
-    :math:`g(t)\sqrt{|s - t|}\,z` exactly (g^2 = beta(t) written here)."""
+    :math:`g(t)\sqrt{|s - t|}\,z` exactly (g^2 = beta(t) written here). This relies only on the
+    solvers' shared noise convention: one standard normal of x's shape per step, drawn from the
+    solve's generator."""
     sde = sdekit.VPSDE(B0, B1)
     rsde = sde.reverse(lambda x, tt: torch.zeros_like(x), t_eps=T_EPS)
     out = sdekit.solve(rsde, torch.zeros(shape, dtype=F64), t_start=t, t_end=s, method="euler_maruyama",
