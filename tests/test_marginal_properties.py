@@ -37,6 +37,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import integrate, stats
+from scipy.optimize import brentq
 
 import sdekit
 from sdekit.solvers import BrownianPath
@@ -328,13 +329,16 @@ def test_pf_ode_is_the_exact_gaussian_flow_map(proc, data, method, st_data):
     assert float((out - exact).abs().max()) < tol * math.sqrt(V_b), (label, method, t_a, t_b)
 
 
+QUANTILE_TOL = 1e-8
+
+
 @settings(max_examples=10, **PROPERTY)
-@given(proc=processes(), mix=mixtures_1d(), st_data=st.data())
-def test_pf_ode_is_the_quantile_map_for_1d_mixtures(proc, mix, st_data):
+@given(proc=processes(), mix=mixtures_1d(), method=st.sampled_from(["rk4", "dopri5"]), st_data=st.data())
+def test_pf_ode_is_the_quantile_map_for_1d_mixtures(proc, mix, method, st_data):
     """1-D mixture data, exact score: the PF ODE's flow is monotone and pushes p_a to p_b, so it
     is the quantile map. From the points at levels u in {0.02, 0.2, 0.5, 0.8, 0.98} of p_a
-    (t_a > t_b, dopri5 at 1e-9), F_b(x_b) = u within 1e-7 (measured <= 1.5e-9 over 120 random
-    examples)."""
+    (t_a > t_b; rk4 on `clock_grid` or dopri5 at 1e-9), F_b(x_b) = u within QUANTILE_TOL
+    (measured over 100 random examples: <= 2.8e-10 for rk4, <= 5.9e-10 for dopri5)."""
     label, sde = proc
     w, mu, v = mix
     t_a, t_b = time_pair(st_data.draw, sde.T)
@@ -343,18 +347,16 @@ def test_pf_ode_is_the_quantile_map_for_1d_mixtures(proc, mix, st_data):
     m_a, s2_a = kernel_at(sde, t_a)
     sd = math.sqrt(m_a * m_a * v.max() + s2_a)
     lo, hi = m_a * mu.min() - 8 * sd, m_a * mu.max() + 8 * sd
-    x_a = [integrate_root(lambda z: mixture_cdf(sde, w, mu, v, t_a, [z])[0] - u, lo, hi) for u in levels]
+    x_a = [brentq(lambda z: mixture_cdf(sde, w, mu, v, t_a, [z])[0] - u, lo, hi, xtol=1e-14, rtol=1e-14)
+           for u in levels]
     pf = sde.probability_flow(mixture_score_fn(sde, w, mu, v), t_eps=min(t_b, 1e-3))
     x = torch.tensor(x_a, dtype=F64)[:, None]
-    out = sdekit.solve(pf, x, t_start=t_a, t_end=t_b, method="dopri5", rtol=1e-9, atol=1e-9).x
+    if method == "rk4":
+        out = sdekit.solve(pf, x, method="rk4", grid=clock_grid(sde, t_a, t_b, v_min=float(v.min()))).x
+    else:
+        out = sdekit.solve(pf, x, t_start=t_a, t_end=t_b, method="dopri5", rtol=1e-9, atol=1e-9).x
     F_b = mixture_cdf(sde, w, mu, v, t_b, out[:, 0].numpy())
-    assert np.abs(F_b - levels).max() < 1e-7, (label, F_b)
-
-
-def integrate_root(fn, lo, hi):
-    from scipy.optimize import brentq
-
-    return brentq(fn, lo, hi, xtol=1e-14, rtol=1e-14)
+    assert np.abs(F_b - levels).max() < QUANTILE_TOL, (label, method, F_b)
 
 
 # ----------------------------------------------------------------------------------------------
