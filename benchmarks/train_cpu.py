@@ -50,6 +50,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import sdekit  # noqa: E402
+from solvers import cpu_model  # noqa: E402  (benchmarks/solvers.py: one machine description)
 from sdekit.likelihood import log_likelihood  # noqa: E402
 
 F64 = torch.float64
@@ -63,17 +64,6 @@ ISSUE_REFERENCE = {"plain_gap_nats_per_dim": 0.021, "plain_nfe": 518, "exact_nfe
 # ------------------------------------------------------------------------------------------------
 # the machine
 # ------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> Dict[str, Any]:
     try:
         load = list(os.getloadavg())

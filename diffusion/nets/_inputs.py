@@ -102,3 +102,15 @@ def as_int_tuple(value: Any, name: str) -> Tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"{name} must be a sequence of positive integers, got {value!r}")
     return tuple(positive_int(v, f"{name}[{i}]") for i, v in enumerate(value))
+
+
+def conditioning(net, x: torch.Tensor, noise_cond: Any, label: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The pre-activation conditioning vector of ``net``: ``emb_mlp(embed(noise_cond))`` plus the
+    label embedding when the net is conditional (inputs checked against the batch of ``x``).
+
+    ``net`` provides ``embed``, ``emb_mlp``, ``label_emb`` and ``num_classes``.
+    """
+    u = check_noise_cond(noise_cond, x.shape[0]).to(x.device)
+    y = check_label(label, x.shape[0], net.num_classes, x.device)
+    c = net.emb_mlp(net.embed(u).to(dtype))
+    return c if y is None else c + net.label_emb(y)

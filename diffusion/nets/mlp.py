@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from ._inputs import activation, check_label, check_noise_cond, check_x, positive_int
+from ._inputs import activation, check_x, conditioning, positive_int
 from .embeddings import noise_embedding
 
 __all__ = ["MLPScoreNet"]
@@ -129,13 +129,8 @@ class MLPScoreNet(nn.Module):
 
     def forward(self, x: torch.Tensor, noise_cond: torch.Tensor, label: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_x(x, (self.dim,), "MLPScoreNet(dim=%d)" % self.dim)
-        u = check_noise_cond(noise_cond, x.shape[0]).to(x.device)
-        y = check_label(label, x.shape[0], self.num_classes, x.device)
         dtype = self.out.weight.dtype
-        c = self.emb_mlp(self.embed(u).to(dtype))
-        if y is not None:
-            c = c + self.label_emb(y)
-        c = self.cond_act(c)
+        c = self.cond_act(conditioning(self, x, noise_cond, label, dtype))
         h = self.inp(x.to(dtype))
         for block in self.blocks:
             h = block(h, c)

@@ -29,14 +29,13 @@ initialisation and each residual branch starts as the identity.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._inputs import as_int_tuple, check_label, check_noise_cond, check_x, positive_int
+from ._inputs import as_int_tuple, check_x, conditioning, positive_int
 from .embeddings import SinusoidalEmbedding
 
 __all__ = ["UNet", "group_count"]
@@ -250,13 +249,8 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, noise_cond: torch.Tensor, label: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_x(x, (self.in_channels, self.image_size, self.image_size),
                 f"UNet(in_channels={self.in_channels}, image_size={self.image_size})")
-        u = check_noise_cond(noise_cond, x.shape[0]).to(x.device)
-        y = check_label(label, x.shape[0], self.num_classes, x.device)
         dtype = self.conv_in.weight.dtype
-        c = self.emb_mlp(self.embed(u).to(dtype))
-        if y is not None:
-            c = c + self.label_emb(y)
-        c = F.silu(c)
+        c = F.silu(conditioning(self, x, noise_cond, label, dtype))
         h = self.conv_in(x.to(dtype))
         hs = [h]
         for stage in self.down:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -71,6 +71,7 @@ class Context:
         self._mode = ("reverse" if isinstance(problem, ReverseSDE) else
                       "pf" if isinstance(problem, ProbabilityFlowODE) else "forward")
         self._coefs: Dict[float, Coefs] = {}
+        self._transitions: Dict[Tuple[float, float], Tuple[float, float]] = {}
         self._tvec: Dict[float, torch.Tensor] = {}
         self._gen = generator
         self._brownian = brownian
@@ -103,6 +104,21 @@ class Context:
         rows = torch.stack([m, s2.sqrt(), f, g2, lam, eta, score_c], 1).tolist()
         for ti, r in zip(new, rows):
             self._coefs[ti] = Coefs(ti, *r)
+
+    def transition(self, t: float, s: float) -> Tuple[float, float]:
+        """``(a, b^2)`` of the forward kernel from ``s`` to ``t`` (`Kernel.transition`), as floats.
+
+        Cached: the first call computes every consecutive grid pair ``(ts[i], ts[i+1])`` in one
+        vectorised kernel call, so a stepping loop does no tensor work for it; an off-grid pair
+        (e.g. Heun's churn time) is computed on demand."""
+        hit = self._transitions.get((t, s))
+        if hit is None:
+            pairs = [(t, s)] + ([] if self._transitions else list(zip(self.ts[:-1], self.ts[1:])))
+            a, b2 = self.sde.kernel.transition(torch.tensor([p[1] for p in pairs], dtype=F64),
+                                               torch.tensor([p[0] for p in pairs], dtype=F64))
+            self._transitions.update(zip(pairs, zip(a.tolist(), b2.tolist())))
+            hit = self._transitions[(t, s)]
+        return hit
 
     def coefs(self, t: float) -> Coefs:
         """Coefficients at time ``t`` (computed on demand if not prepared)."""

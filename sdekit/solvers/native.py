@@ -24,12 +24,6 @@ __all__ = ["euler", "heun", "rk4", "euler_maruyama", "stochastic_heun", "reverse
 ALL_NOISE = ("isotropic", "diagonal", "general")
 
 
-def _transition(ctx: Context, t: float, s: float):
-    """(a, b^2) of the exact forward kernel from s to t: x_t = a x_s + b z."""
-    a, b2 = ctx.sde.kernel.transition(torch.tensor(s, dtype=torch.float64), torch.tensor(t, dtype=torch.float64))
-    return float(a), float(b2)
-
-
 # ----------------------------------------------------------------------------------------------
 # ODE methods (probability-flow ODE); any direction
 # ----------------------------------------------------------------------------------------------
@@ -72,7 +66,7 @@ def heun(ctx: Context, x: torch.Tensor, churn: float = 0.0, churn_min: float = 0
     for i in range(ctx.n):
         t, s = ts[i], ts[i + 1]
         if t_hat[i] != t:
-            a, b2 = _transition(ctx, t_hat[i], t)
+            a, b2 = ctx.transition(t_hat[i], t)
             x = a * x + (churn_noise * math.sqrt(b2)) * ctx.randn()
             t = t_hat[i]
         h = s - t
@@ -144,7 +138,7 @@ def reverse_diffusion(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     ts = ctx.ts
     for i in range(ctx.n):
         t, s = ts[i], ts[i + 1]
-        a, b2 = _transition(ctx, t, s)
+        a, b2 = ctx.transition(t, s)
         x = (2.0 - a) * x + b2 * ctx.score(x, t) + math.sqrt(b2) * ctx.randn()
         x = ctx.step_done(i, x)
     return x
@@ -156,7 +150,7 @@ def ancestral(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     ts = ctx.ts
     for i in range(ctx.n):
         t, s = ts[i], ts[i + 1]
-        a, b2 = _transition(ctx, t, s)
+        a, b2 = ctx.transition(t, s)
         std = math.sqrt(b2) * ctx.coefs(s).sigma / ctx.coefs(t).sigma
         x = (x + b2 * ctx.score(x, t)) / a + std * ctx.randn()
         x = ctx.step_done(i, x)
@@ -176,7 +170,7 @@ def ddim(ctx: Context, x: torch.Tensor, eta: float = 0.0) -> torch.Tensor:
         x0 = tweedie_mean(x, sc, ct.m, ct.sigma ** 2)
         eps = -ct.sigma * sc
         if eta > 0:
-            _, b2 = _transition(ctx, t, s)
+            _, b2 = ctx.transition(t, s)
             c = eta * math.sqrt(b2) * cs.sigma / ct.sigma
             x = cs.m * x0 + math.sqrt(max(cs.sigma ** 2 - c * c, 0.0)) * eps + c * ctx.randn()
         else:
@@ -219,7 +213,7 @@ def pc(ctx: Context, x: torch.Tensor, snr: float = 0.16, n_corrector: int = 1, s
     per_sample = _snr_norm(snr_norm)
     for i in range(ctx.n):
         t, s = ts[i], ts[i + 1]
-        a, b2 = _transition(ctx, t, s)
+        a, b2 = ctx.transition(t, s)
         for _ in range(n_corrector):
             x = _langevin_step(ctx, x, t, snr, a * a, per_sample)
         x = (2.0 - a) * x + b2 * ctx.score(x, t) + math.sqrt(b2) * ctx.randn()
