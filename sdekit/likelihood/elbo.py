@@ -226,7 +226,7 @@ def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n
     calls, done = 0, 0
     while done < n_t:
         k = min(k_chunk, n_t - done)
-        t, weight = _draw_times(sde, mode, B, k, t_eps, lam_s, Lam, generator, gdev, dev)
+        t, weight = _draw_times(sde, mode, B, k, t_eps, Lam, generator, dev)
         a, b2 = ker.transition(s64, t)
         u = b2 / (a * a)
         c_over_b2 = (2.0 - u / (v + u)) / (a * a * (v + u)) if control_variate else torch.zeros_like(u)
@@ -256,7 +256,7 @@ def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n
                       prior_term=prior_term, constant_term=constant, extra=extra)
 
 
-def _draw_times(sde, mode, B, k, t_eps, lam_s, Lam, generator, gdev, dev):
+def _draw_times(sde, mode, B, k, t_eps, Lam, generator, dev):
     """``(t, weight)``, ``(B, k)`` each: times on ``[t_eps, T]`` drawn by `sdekit.time_sampling`
     (the one implementation shared with the training losses) and the weight $g^2(t)/q(t)$."""
     scheme = {"log_snr": "importance", "uniform": "uniform", "mixture": "mixture"}[mode]
