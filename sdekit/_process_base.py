@@ -16,7 +16,7 @@ __all__ = ["apply_diffusion", "PublicCoefficients", "ProcessBase"]
 
 
 def apply_diffusion(noise: str, G: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """:math:`G v` for a diffusion coefficient ``G`` in the layout of ``noise`` (see `sdekit.processes`)."""
+    """$G v$ for a diffusion coefficient ``G`` in the layout of ``noise`` (see `sdekit.processes`)."""
     if noise == "isotropic":
         return broadcast_to_data(G, x) * v
     if noise == "diagonal":

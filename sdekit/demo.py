@@ -1,7 +1,7 @@
 r"""``python -m sdekit demo``: a tour of sdekit on a custom SDE that has no closed-form kernel.
 
-1. Define :math:`dx = f(t)x\,dt + g(t)\,dW` from two lambdas (with a sin term) and compare the
-   numeric kernel :math:`m(t)`, :math:`\sigma(t)` with independent ``scipy.integrate.quad`` values.
+1. Define $dx = f(t)x\,dt + g(t)\,dW$ from two lambdas (with a sin term) and compare the
+   numeric kernel $m(t)$, $\sigma(t)$ with independent ``scipy.integrate.quad`` values.
 2. Push a 2-D, 3-mode Gaussian mixture through it (exact marginals) and check that the exact
    marginal density solves the Fokker–Planck equation (residual at round-off level).
 3. Sample the mixture back with the reverse SDE (plain Euler–Maruyama loop) and the

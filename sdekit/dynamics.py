@@ -1,19 +1,19 @@
 r"""Reverse-time SDEs and the probability-flow ODE derived from a forward process and a score.
 
-For :math:`dx = f\,dt + G\,dW` with marginals :math:`p_t` and :math:`D = GG^T`, every member of
+For $dx = f\,dt + G\,dW$ with marginals $p_t$ and $D = GG^T$, every member of
 
-.. math::
-
+$$
     dx = \Big[f - \frac{1+\eta^2}{2}\big(D\,\nabla\log p_t + \nabla\cdot D\big)\Big]dt + \eta\,G\,d\bar W,
+$$
 
-run from :math:`T` down to :math:`t_\varepsilon`, has the same marginals :math:`p_t`
-(:math:`(\nabla\cdot D)_i = \sum_j \partial_j D_{ij}`, zero for isotropic noise). η = 1 is
+run from $T$ down to $t_\varepsilon$, has the same marginals $p_t$
+($(\nabla\cdot D)_i = \sum_j \partial_j D_{ij}$, zero for isotropic noise). η = 1 is
 Anderson's reverse SDE, η = 0 the probability-flow ODE (Song et al. 2021, eq. 13 and App. D).
 η may be a constant or a function of t (an EDM-style stochasticity schedule).
 
 Both objects know their time direction (``t_start = T`` → ``t_end = t_eps``) and can be handed
-to torchsde (:meth:`ReverseSDE.to_torchsde`, which runs in the increasing variable
-:math:`s = T - t` internally) and torchdiffeq (:class:`ProbabilityFlowODE` is callable as
+to torchsde (`ReverseSDE.to_torchsde`, which runs in the increasing variable
+$s = T - t$ internally) and torchdiffeq (`ProbabilityFlowODE` is callable as
 ``(t, x)`` and torchdiffeq integrates decreasing times itself).
 """
 
@@ -51,7 +51,7 @@ def evaluate_score(score: Callable, x: torch.Tensor, t64: torch.Tensor) -> torch
 
 
 def diffusion_divergence(sde, x: torch.Tensor, t64: torch.Tensor) -> torch.Tensor:
-    r""":math:`(\nabla\cdot GG^T)_i = \sum_j \partial_j (GG^T)_{ij}` for state-dependent noise.
+    r"""$(\nabla\cdot GG^T)_i = \sum_j \partial_j (GG^T)_{ij}$ for state-dependent noise.
 
     Uses ``sde.diffusion_divergence`` when supplied, otherwise exact autograd (one backward pass
     per state dimension for diagonal noise, d² for general noise: meant for small d).
@@ -157,13 +157,13 @@ class _Derived:
         raise NotImplementedError
 
     def affine_coefficients(self, t: TimeLike) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        r"""``(a(t), c(t))`` with drift :math:`= a(t)\,x + c(t)\,s(x, t)` for a linear forward SDE.
+        r"""``(a(t), c(t))`` with drift $= a(t)\,x + c(t)\,s(x, t)$ for a linear forward SDE.
 
-        For :math:`dx = f(t)x\,dt + g(t)\,dW`: the probability-flow ODE has :math:`a = f`,
-        :math:`c = -\tfrac12 g^2`; the reverse SDE :math:`a = f`, :math:`c = -\tfrac{1+\eta^2}{2}g^2`.
+        For $dx = f(t)x\,dt + g(t)\,dW$: the probability-flow ODE has $a = f$,
+        $c = -\tfrac12 g^2$; the reverse SDE $a = f$, $c = -\tfrac{1+\eta^2}{2}g^2$.
         This is the same formula as the drift itself (from the kernel's ``f`` and ``g2``), split
         so that callers can treat the linear part analytically — e.g. the divergence
-        :math:`\nabla\cdot v = a\,d + c\,\nabla\cdot s` needs the score's Jacobian only.
+        $\nabla\cdot v = a\,d + c\,\nabla\cdot s$ needs the score's Jacobian only.
         ``None`` when the forward SDE is not linear. Float64 tensors shaped like ``t``
         (0-d or ``(B,)``); ``t`` is not range-checked.
         """
@@ -175,7 +175,7 @@ class _Derived:
 
 
 class ReverseSDE(PublicCoefficients, _Derived):
-    r"""The reverse-time SDE :math:`dx = [f - \frac{1+\eta^2}{2}(D\nabla\log p + \nabla\cdot D)]dt + \eta G\,d\bar W`.
+    r"""The reverse-time SDE $dx = [f - \frac{1+\eta^2}{2}(D\nabla\log p + \nabla\cdot D)]dt + \eta G\,d\bar W$.
 
     Integrated from ``t_start = T`` down to ``t_end = t_eps``. ``eta`` is any non-negative number or
     a function of float64 t (η = 1: Anderson's reverse SDE); every η ≥ 0 gives the same marginals.
@@ -213,7 +213,7 @@ class ReverseSDE(PublicCoefficients, _Derived):
         return apply_diffusion(self.noise, self._diffusion(x, t64), x, dW)
 
     def to_torchsde(self, shape: Sequence[int], t_start: Optional[float] = None) -> "TorchsdeAdapter":
-        """A torchsde-compatible module in the increasing variable :math:`s = t_{start} - t`."""
+        """A torchsde-compatible module in the increasing variable $s = t_{start} - t$."""
         return TorchsdeAdapter(self, shape, self.T if t_start is None else t_start, direction=-1)
 
     def __repr__(self):
@@ -221,9 +221,9 @@ class ReverseSDE(PublicCoefficients, _Derived):
 
 
 class ProbabilityFlowODE(torch.nn.Module, _Derived):
-    r"""The probability-flow ODE :math:`\frac{dx}{dt} = f - \frac12(D\nabla\log p_t + \nabla\cdot D)`.
+    r"""The probability-flow ODE $\frac{dx}{dt} = f - \frac12(D\nabla\log p_t + \nabla\cdot D)$.
 
-    Callable as ``ode(t, x)`` (torchdiffeq's signature) returning :math:`dx/dt` in actual time;
+    Callable as ``ode(t, x)`` (torchdiffeq's signature) returning $dx/dt$ in actual time;
     torchdiffeq integrates it from ``T`` to ``t_eps`` directly (``odeint(ode, x_T,
     torch.tensor([ode.T, ode.t_eps]))``). If ``score`` is an ``nn.Module`` it is registered as a
     submodule so adjoint methods see its parameters. Set ``check_inputs = False`` to skip the
@@ -242,7 +242,7 @@ class ProbabilityFlowODE(torch.nn.Module, _Derived):
         return score_coefficient(torch.zeros_like(t64))
 
     def forward(self, t: TimeLike, x: torch.Tensor) -> torch.Tensor:
-        """:math:`dx/dt` at ``(t, x)``."""
+        """$dx/dt$ at ``(t, x)``."""
         if self.check_inputs:
             x, t64 = self._check_xt(x, t)
         else:

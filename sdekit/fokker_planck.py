@@ -1,19 +1,19 @@
 r"""Fokker–Planck residual of a candidate log density under a forward SDE, by exact autograd.
 
-For :math:`dx = F(x,t)\,dt + G(x,t)\,dW` with :math:`D = GG^\top`, the marginal density solves
-:math:`\partial_t p = -\nabla\cdot(Fp) + \tfrac12\sum_{ij}\partial_i\partial_j(D_{ij}p)`. Dividing by
-:math:`p` and writing :math:`\ell = \log p` (see *Concepts*, section 8),
+For $dx = F(x,t)\,dt + G(x,t)\,dW$ with $D = GG^\top$, the marginal density solves
+$\partial_t p = -\nabla\cdot(Fp) + \tfrac12\sum_{ij}\partial_i\partial_j(D_{ij}p)$. Dividing by
+$p$ and writing $\ell = \log p$ (see *Concepts*, section 8),
 
-.. math::
-
+$$
     \mathcal R(x, t) = \partial_t\ell + \nabla\cdot F + F\cdot\nabla\ell
     - \frac12\sum_{i,j}\Big[\partial_i\partial_j D_{ij} + 2\,\partial_i D_{ij}\,\partial_j\ell
     + D_{ij}\big(\partial_i\partial_j\ell + \partial_i\ell\,\partial_j\ell\big)\Big],
+$$
 
-which vanishes identically for the true marginals :math:`p_t`, and for a stationary density
-:math:`\pi` of a time-homogeneous SDE (with :math:`\partial_t\ell = 0`). All derivatives are exact
-(autograd): :math:`d` backward passes for the Hessian and the drift divergence, and :math:`d` (diagonal
-noise) or :math:`d^2` (general noise) more for the derivatives of :math:`D` — meant for small d.
+which vanishes identically for the true marginals $p_t$, and for a stationary density
+$\pi$ of a time-homogeneous SDE (with $\partial_t\ell = 0$). All derivatives are exact
+(autograd): $d$ backward passes for the Hessian and the drift divergence, and $d$ (diagonal
+noise) or $d^2$ (general noise) more for the derivatives of $D$ — meant for small d.
 """
 
 from __future__ import annotations
@@ -38,25 +38,25 @@ def _grad(y: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor:
 
 
 def fokker_planck_residual(sde, log_density: Callable, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-    r"""Per-sample Fokker–Planck residual :math:`\mathcal R(x, t)` of ``log_density`` under ``sde``.
+    r"""Per-sample Fokker–Planck residual $\mathcal R(x, t)$ of ``log_density`` under ``sde``.
 
-    .. math::
-
+    $$
         \mathcal R = \frac{\partial_t p + \nabla\cdot(Fp) - \frac12\sum_{ij}\partial_i\partial_j(D_{ij}p)}{p},
         \qquad D = GG^\top,
+    $$
 
     computed in log form (see module docs) by exact autograd.
 
     Parameters
     ----------
     sde:
-        A :class:`sdekit.SDE` (linear or general; noise ``"isotropic"``, ``"diagonal"`` — G may
+        A `sdekit.SDE` (linear or general; noise ``"isotropic"``, ``"diagonal"`` — G may
         depend on x — or ``"general"`` ``(B, d, m)`` matrices).
     log_density:
-        ``log_density(x, t) -> (B,)``: the candidate :math:`\log p_t(x)` (normalisation constants
+        ``log_density(x, t) -> (B,)``: the candidate $\log p_t(x)$ (normalisation constants
         do not matter). It receives ``x`` (requiring grad) and ``t`` as a ``(B,)`` tensor in x's
         dtype (requiring grad) and must be differentiable twice in x and once in t; a function
-        that ignores t is treated as stationary (:math:`\partial_t\ell = 0`). Samples must not
+        that ignores t is treated as stationary ($\partial_t\ell = 0$). Samples must not
         interact (row b of the output depends only on row b of x); the same holds for the SDE's
         drift and diffusion.
     x:

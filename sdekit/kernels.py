@@ -1,23 +1,23 @@
-r"""Perturbation kernels of linear SDEs — the one source of :math:`m(t)`, :math:`\sigma(t)` and log-SNR.
+r"""Perturbation kernels of linear SDEs — the one source of $m(t)$, $\sigma(t)$ and log-SNR.
 
-For the linear Itô SDE :math:`dx = f(t)\,x\,dt + g(t)\,dW` started at :math:`x_0` (time 0 = data),
+For the linear Itô SDE $dx = f(t)\,x\,dt + g(t)\,dW$ started at $x_0$ (time 0 = data),
 
-.. math::
-
+$$
     x_t \mid x_0 \sim \mathcal N\big(m(t)\,x_0,\ \sigma(t)^2 I\big),\qquad
     m(t) = \exp\!\int_0^t f,\qquad
     \sigma(t)^2 = m(t)^2 \int_0^t \frac{g(u)^2}{m(u)^2}\,du,
+$$
 
-with :math:`m' = f m`, :math:`(\sigma^2)' = 2 f \sigma^2 + g^2`, log-SNR
-:math:`\lambda = \log(m^2/\sigma^2)` and :math:`\lambda'(t) = -g(t)^2/\sigma(t)^2 < 0`, so
-:math:`\lambda` is strictly decreasing and invertible whenever :math:`g > 0`.
+with $m' = f m$, $(\sigma^2)' = 2 f \sigma^2 + g^2$, log-SNR
+$\lambda = \log(m^2/\sigma^2)$ and $\lambda'(t) = -g(t)^2/\sigma(t)^2 < 0$, so
+$\lambda$ is strictly decreasing and invertible whenever $g > 0$.
 
 Every kernel works on float64 tensors of any shape (no validation: the public process layer
 validates) and provides ``f``, ``g2``, ``log_m``, ``sigma2``, ``log_snr`` and
 ``t_from_log_snr``. Closed forms use ``expm1``/``log1p`` so that they stay accurate as
-:math:`t \to 0`. :class:`NumericKernel` integrates arbitrary ``f``, ``g`` by Gauss–Legendre
+$t \to 0$. `NumericKernel` integrates arbitrary ``f``, ``g`` by Gauss–Legendre
 quadrature on a uniform grid and interpolates with quintic Hermite polynomials whose slopes are
-the *exact* derivatives (:math:`(\log m)' = f`, :math:`(\sigma^2)' = 2f\sigma^2 + g^2`); the grid
+the *exact* derivatives ($(\log m)' = f$, $(\sigma^2)' = 2f\sigma^2 + g^2$); the grid
 is refined until the interpolation error at interval midpoints is below ``tol``.
 """
 
@@ -125,19 +125,19 @@ class Kernel:
 
     # -- derived -----------------------------------------------------------------------------
     def m(self, t: torch.Tensor) -> torch.Tensor:
-        """Mean coefficient :math:`m(t) = \\exp\\int_0^t f`."""
+        """Mean coefficient $m(t) = \\exp\\int_0^t f$."""
         return torch.exp(self.log_m(t))
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """Total standard deviation :math:`\\sigma(t)` of the kernel."""
+        """Total standard deviation $\\sigma(t)$ of the kernel."""
         return torch.sqrt(self.sigma2(t))
 
     def log_snr(self, t: torch.Tensor) -> torch.Tensor:
-        """:math:`\\lambda(t) = 2\\log m(t) - \\log\\sigma(t)^2` (``+inf`` at t = 0)."""
+        """$\\lambda(t) = 2\\log m(t) - \\log\\sigma(t)^2$ (``+inf`` at t = 0)."""
         return 2.0 * self.log_m(t) - torch.log(self.sigma2(t))
 
     def dlog_snr(self, t: torch.Tensor) -> torch.Tensor:
-        """:math:`\\lambda'(t) = -g(t)^2 / \\sigma(t)^2`."""
+        """$\\lambda'(t) = -g(t)^2 / \\sigma(t)^2$."""
         return -self.g2(t) / self.sigma2(t)
 
     @property
@@ -165,7 +165,7 @@ class Kernel:
     def t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
         """Invert the (strictly decreasing) log-SNR numerically: bisection, then Newton polish.
 
-        ``lam`` values above :math:`\\lambda` near 0 map to (almost) 0; below :math:`\\lambda(T)`
+        ``lam`` values above $\\lambda$ near 0 map to (almost) 0; below $\\lambda(T)$
         to ``T``. The public layer validates the range.
         """
         lam = lam.to(F64)
@@ -190,10 +190,10 @@ class Kernel:
 
 
 class VPKernel(Kernel):
-    r"""Variance-preserving kernel, :math:`\beta(t) = \beta_{min} + t(\beta_{max}-\beta_{min})`.
+    r"""Variance-preserving kernel, $\beta(t) = \beta_{min} + t(\beta_{max}-\beta_{min})$.
 
-    :math:`f = -\beta/2`, :math:`g^2 = \beta`, :math:`B(t) = \int_0^t\beta`,
-    :math:`m = e^{-B/2}`, :math:`\sigma^2 = -\mathrm{expm1}(-B)`, :math:`\lambda = -\log\mathrm{expm1}(B)`.
+    $f = -\beta/2$, $g^2 = \beta$, $B(t) = \int_0^t\beta$,
+    $m = e^{-B/2}$, $\sigma^2 = -\mathrm{expm1}(-B)$, $\lambda = -\log\mathrm{expm1}(B)$.
     """
 
     def __init__(self, beta_min: float, beta_max: float, T: float):
@@ -240,9 +240,9 @@ class VPKernel(Kernel):
 
 
 class SubVPKernel(VPKernel):
-    r"""Sub-VP kernel (Song et al. 2021): :math:`g^2 = \beta(1 - e^{-2B})`, :math:`\sigma = 1 - e^{-B}`.
+    r"""Sub-VP kernel (Song et al. 2021): $g^2 = \beta(1 - e^{-2B})$, $\sigma = 1 - e^{-B}$.
 
-    :math:`\lambda = -2\log(2\sinh(B/2))`, inverted as :math:`B = 2\,\mathrm{asinh}(e^{-\lambda/2}/2)`.
+    $\lambda = -2\log(2\sinh(B/2))$, inverted as $B = 2\,\mathrm{asinh}(e^{-\lambda/2}/2)$.
     """
 
     def g2(self, t):
@@ -268,12 +268,12 @@ class SubVPKernel(VPKernel):
 
 
 class VEKernel(Kernel):
-    r"""Variance-exploding kernel, :math:`\sigma_{ve}(t) = \sigma_{min}(\sigma_{max}/\sigma_{min})^t`.
+    r"""Variance-exploding kernel, $\sigma_{ve}(t) = \sigma_{min}(\sigma_{max}/\sigma_{min})^t$.
 
-    :math:`f = 0`, :math:`g^2 = d\sigma_{ve}^2/dt = 2 r\,\sigma_{ve}(t)^2` with
-    :math:`r = \log(\sigma_{max}/\sigma_{min})`; exact kernel from t = 0:
-    :math:`\sigma(t)^2 = \sigma_{ve}(t)^2 - \sigma_{min}^2 = \sigma_{min}^2\,\mathrm{expm1}(2rt)`.
-    (score_sde's ``VESDE.marginal_prob`` uses std :math:`\sigma_{ve}(t)` instead.)
+    $f = 0$, $g^2 = d\sigma_{ve}^2/dt = 2 r\,\sigma_{ve}(t)^2$ with
+    $r = \log(\sigma_{max}/\sigma_{min})$; exact kernel from t = 0:
+    $\sigma(t)^2 = \sigma_{ve}(t)^2 - \sigma_{min}^2 = \sigma_{min}^2\,\mathrm{expm1}(2rt)$.
+    (score_sde's ``VESDE.marginal_prob`` uses std $\sigma_{ve}(t)$ instead.)
     """
 
     def __init__(self, sigma_min: float, sigma_max: float, T: float):
@@ -305,10 +305,10 @@ class VEKernel(Kernel):
 class CosineKernel(Kernel):
     r"""Cosine schedule (Nichol & Dhariwal 2021) as a continuous VP process.
 
-    :math:`\bar\alpha(t) = \cos^2\phi(t)/\cos^2\phi(0)`, :math:`\phi(t) = \frac{\pi}{2}\frac{t+s}{1+s}`,
-    :math:`m = \sqrt{\bar\alpha}`, :math:`\sigma^2 = 1-\bar\alpha
-    = \sin(\phi-\phi_0)\sin(\phi+\phi_0)/\cos^2\phi_0`, :math:`f = -c\tan\phi`,
-    :math:`g^2 = 2c\tan\phi` with :math:`c = \pi/(2(1+s))`. The drift is singular at t = 1, so
+    $\bar\alpha(t) = \cos^2\phi(t)/\cos^2\phi(0)$, $\phi(t) = \frac{\pi}{2}\frac{t+s}{1+s}$,
+    $m = \sqrt{\bar\alpha}$, $\sigma^2 = 1-\bar\alpha
+    = \sin(\phi-\phi_0)\sin(\phi+\phi_0)/\cos^2\phi_0$, $f = -c\tan\phi$,
+    $g^2 = 2c\tan\phi$ with $c = \pi/(2(1+s))$. The drift is singular at t = 1, so
     ``T`` must be below 1.
     """
 
@@ -343,8 +343,8 @@ class CosineKernel(Kernel):
 
 
 class OUKernel(Kernel):
-    r"""Ornstein–Uhlenbeck :math:`dx = -\theta x\,dt + s\,dW`: :math:`m = e^{-\theta t}`,
-    :math:`\sigma^2 = \frac{s^2}{2\theta}(1 - e^{-2\theta t})`."""
+    r"""Ornstein–Uhlenbeck $dx = -\theta x\,dt + s\,dW$: $m = e^{-\theta t}$,
+    $\sigma^2 = \frac{s^2}{2\theta}(1 - e^{-2\theta t})$."""
 
     def __init__(self, theta: float, sigma: float, T: float):
         self.theta, self.s, self.T = float(theta), float(sigma), float(T)
@@ -377,9 +377,9 @@ class OUKernel(Kernel):
 
 
 class UserKernel(Kernel):
-    r"""A kernel given by the user as callables :math:`m(t)`, :math:`\sigma(t)`.
+    r"""A kernel given by the user as callables $m(t)$, $\sigma(t)$.
 
-    The process is derived from it: :math:`f = m'/m`, :math:`g^2 = (\sigma^2)' - 2f\sigma^2`
+    The process is derived from it: $f = m'/m$, $g^2 = (\sigma^2)' - 2f\sigma^2$
     (derivatives by autograd unless ``dm``/``dsigma`` are supplied).
     """
 
@@ -432,13 +432,13 @@ class UserKernel(Kernel):
 
 
 class DiscreteVPKernel(Kernel):
-    r"""A discrete DDPM schedule :math:`\bar\alpha_n` (n = 1..N) as a continuous VP process.
+    r"""A discrete DDPM schedule $\bar\alpha_n$ (n = 1..N) as a continuous VP process.
 
-    Knots :math:`t_n = nT/N` carry :math:`\log m(t_n) = \tfrac12\log\bar\alpha_n`, with
-    :math:`\log m(0) = 0`; :math:`\log m` is interpolated linearly in between (as DPM-Solver's
-    'discrete' schedule does, except that we anchor :math:`m(0) = 1` so that
-    :math:`\sigma(0) = 0` holds exactly). Then :math:`\sigma^2 = 1 - m^2`, :math:`f` is piecewise
-    constant and :math:`g^2 = -2f`.
+    Knots $t_n = nT/N$ carry $\log m(t_n) = \tfrac12\log\bar\alpha_n$, with
+    $\log m(0) = 0$; $\log m$ is interpolated linearly in between (as DPM-Solver's
+    'discrete' schedule does, except that we anchor $m(0) = 1$ so that
+    $\sigma(0) = 0$ holds exactly). Then $\sigma^2 = 1 - m^2$, $f$ is piecewise
+    constant and $g^2 = -2f$.
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor, T: float):
@@ -488,7 +488,7 @@ def _hermite(y0, y1, d0, d1, a0, a1, s, h):
     """Quintic Hermite interpolation on ``[x_i, x_i + h]`` at ``x_i + s h`` (``s`` in [0, 1]).
 
     ``y`` are values, ``d`` first and ``a`` second derivatives at the two ends. The error is
-    :math:`O(h^6)`, and relative accuracy holds down to t -> 0 where sigma^2 vanishes.
+    $O(h^6)$, and relative accuracy holds down to t -> 0 where sigma^2 vanishes.
     """
     s2 = s * s
     s3 = s2 * s
@@ -523,24 +523,24 @@ def _derivative(fn: CoefFn, t: torch.Tensor) -> torch.Tensor:
 
 
 class NumericKernel(Kernel):
-    r"""Kernel of :math:`dx = f(t)x\,dt + g(t)\,dW` by quadrature and Hermite interpolation.
+    r"""Kernel of $dx = f(t)x\,dt + g(t)\,dW$ by quadrature and Hermite interpolation.
 
-    On a uniform grid :math:`t_i = i h` (``h = T/n``) the increments of :math:`\log m = \int f`
-    and :math:`I = \int g^2/m^2` are integrated with 8-point Gauss–Legendre per interval (the
-    values of :math:`\log m` inside an interval by a nested Gauss–Legendre rule), so the node
-    values are exact to round-off. Between nodes :math:`\log m` and :math:`\sigma^2 = m^2 I` are
-    quintic Hermite interpolants using the exact slopes :math:`f` and :math:`2f\sigma^2 + g^2` and
-    their derivatives (:math:`f'` and :math:`(g^2)'` by autograd), so the error is :math:`O(h^6)`
-    and stays *relative* as :math:`\sigma^2 \to 0` at t = 0.
+    On a uniform grid $t_i = i h$ (``h = T/n``) the increments of $\log m = \int f$
+    and $I = \int g^2/m^2$ are integrated with 8-point Gauss–Legendre per interval (the
+    values of $\log m$ inside an interval by a nested Gauss–Legendre rule), so the node
+    values are exact to round-off. Between nodes $\log m$ and $\sigma^2 = m^2 I$ are
+    quintic Hermite interpolants using the exact slopes $f$ and $2f\sigma^2 + g^2$ and
+    their derivatives ($f'$ and $(g^2)'$ by autograd), so the error is $O(h^6)$
+    and stays *relative* as $\sigma^2 \to 0$ at t = 0.
     ``n`` doubles (from 256, up to 65536) until the interpolation error at every interval
     midpoint — measured against the quadrature there — is below ``tol`` (absolute for
-    :math:`\log m`, relative for :math:`\sigma^2`). Evaluation is O(1) per point on any device and
+    $\log m$, relative for $\sigma^2$). Evaluation is O(1) per point on any device and
     differentiable in ``t``.
 
     Parameters
     ----------
     f, g2:
-        Elementwise callables of a float64 tensor ``t`` (``g2`` is :math:`g(t)^2`).
+        Elementwise callables of a float64 tensor ``t`` (``g2`` is $g(t)^2$).
     T:
         End of the time interval.
     tol:

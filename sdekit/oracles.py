@@ -1,28 +1,28 @@
 r"""Exact Gaussian-mixture oracles: marginals, scores, log densities and posterior moments.
 
-If the data distribution is a Gaussian mixture :math:`p_0 = \sum_k \pi_k\,\mathcal N(\mu_k, \Sigma_k)`
-and the forward process is linear (:math:`x_t = m(t)x_0 + \sigma(t)\varepsilon`), every marginal
+If the data distribution is a Gaussian mixture $p_0 = \sum_k \pi_k\,\mathcal N(\mu_k, \Sigma_k)$
+and the forward process is linear ($x_t = m(t)x_0 + \sigma(t)\varepsilon$), every marginal
 is again a Gaussian mixture,
 
-.. math::
-
+$$
     p_t = \sum_k \pi_k\,\mathcal N\big(m\mu_k,\ C_k\big),\qquad C_k = m^2\Sigma_k + \sigma^2 I,
+$$
 
-with score :math:`\nabla\log p_t(x) = \sum_k r_k(x)\,C_k^{-1}(m\mu_k - x)` and responsibilities
-:math:`r_k(x) = \pi_k\mathcal N(x; m\mu_k, C_k)/p_t(x)` (see *Concepts*, section 10). This gives
+with score $\nabla\log p_t(x) = \sum_k r_k(x)\,C_k^{-1}(m\mu_k - x)$ and responsibilities
+$r_k(x) = \pi_k\mathcal N(x; m\mu_k, C_k)/p_t(x)$ (see *Concepts*, section 10). This gives
 ground truth for score models, Tweedie's formulas, the probability-flow ODE and likelihoods.
 
-**Efficiency.** Each full covariance is diagonalised once, :math:`\Sigma_k = U_k\,\mathrm{diag}(\lambda_k)\,U_k^\top`,
-so that :math:`C_k = U_k\,\mathrm{diag}(m^2\lambda_k + \sigma^2)\,U_k^\top` at *every* t with no
-per-t factorisation or inverse. Diagonal and isotropic covariances skip :math:`U` entirely and use
+**Efficiency.** Each full covariance is diagonalised once, $\Sigma_k = U_k\,\mathrm{diag}(\lambda_k)\,U_k^\top$,
+so that $C_k = U_k\,\mathrm{diag}(m^2\lambda_k + \sigma^2)\,U_k^\top$ at *every* t with no
+per-t factorisation or inverse. Diagonal and isotropic covariances skip $U$ entirely and use
 elementwise arithmetic only (components are processed one at a time with a running log-sum-exp,
-so memory stays :math:`O(Bd)` — fast at :math:`d = 3072`, :math:`B = 1024`).
+so memory stays $O(Bd)$ — fast at $d = 3072$, $B = 1024$).
 
 **Numerics.** Everything is computed in float64 (log-sum-exp over components, responsibilities)
 and returned in the dtype of ``x``. All functions are built from differentiable torch operations,
-so autograd through them works (divergences and Hessians of :meth:`GaussianMixture.exact_score`
-and :meth:`GaussianMixture.exact_log_prob`, and their derivative in ``t``). The score's backward
-pass uses the closed-form Jacobian :math:`\nabla^2\log p_t` (see :meth:`GaussianMixture.exact_score`),
+so autograd through them works (divergences and Hessians of `GaussianMixture.exact_score`
+and `GaussianMixture.exact_log_prob`, and their derivative in ``t``). The score's backward
+pass uses the closed-form Jacobian $\nabla^2\log p_t$ (see `GaussianMixture.exact_score`),
 so a vector–Jacobian product costs about one forward pass and a batched exact divergence is cheap;
 higher derivatives stay exact (the backward is itself differentiable).
 
@@ -73,8 +73,8 @@ def _linear_sde(sde):
 class _MixtureScore(torch.autograd.Function):
     r"""The mixture score with an analytic backward pass.
 
-    The score is a gradient, so its Jacobian (the Hessian of :math:`\log p_t`) is symmetric and
-    the vector–Jacobian product equals :meth:`GaussianMixture._score_jvp` — a handful of
+    The score is a gradient, so its Jacobian (the Hessian of $\log p_t$) is symmetric and
+    the vector–Jacobian product equals `GaussianMixture._score_jvp` — a handful of
     ``(B, K, d)`` operations on quantities the forward pass already has, instead of autograd's
     replay of every forward operation. ``generate_vmap_rule`` lets batched VJPs
     (``is_grads_batched``: the exact divergence, several Hutchinson probes) run the backward once
@@ -109,7 +109,7 @@ class _MixtureScore(torch.autograd.Function):
 
 
 class GaussianMixture:
-    r"""A Gaussian mixture :math:`\sum_k \pi_k\,\mathcal N(\mu_k, \Sigma_k)` with exact marginals under linear SDEs.
+    r"""A Gaussian mixture $\sum_k \pi_k\,\mathcal N(\mu_k, \Sigma_k)$ with exact marginals under linear SDEs.
 
     Parameters
     ----------
@@ -120,7 +120,7 @@ class GaussianMixture:
     covs:
         Either ``(K, d, d)`` full symmetric positive-definite covariances, ``(K, d)`` (or
         ``(K, *event_shape)``) diagonal variances, or ``(K,)`` isotropic variances
-        (:math:`\Sigma_k = v_k I`). All variances must be positive.
+        ($\Sigma_k = v_k I$). All variances must be positive.
 
     Raises
     ------
@@ -261,12 +261,12 @@ class GaussianMixture:
 
     @property
     def mean(self) -> torch.Tensor:
-        r"""Mixture mean :math:`\sum_k\pi_k\mu_k`, shape ``event_shape`` (float64)."""
+        r"""Mixture mean $\sum_k\pi_k\mu_k$, shape ``event_shape`` (float64)."""
         return (self.weights[:, None] * self._mu).sum(0).reshape(self.event_shape)
 
     @property
     def covariance(self) -> torch.Tensor:
-        r"""Mixture covariance :math:`\sum_k\pi_k\big(\Sigma_k + (\mu_k-\bar\mu)(\mu_k-\bar\mu)^\top\big)`, ``(d, d)``."""
+        r"""Mixture covariance $\sum_k\pi_k\big(\Sigma_k + (\mu_k-\bar\mu)(\mu_k-\bar\mu)^\top\big)$, ``(d, d)``."""
         w = self.weights
         dm = self._mu - (w[:, None] * self._mu).sum(0)
         within = (w[:, None, None] * self.covariance_matrices()).sum(0)
@@ -302,9 +302,9 @@ class GaussianMixture:
         return self._evaluate_loop(x64, m, s2, want_score, want_post)
 
     def _component_terms(self, x64: torch.Tensor, m: torch.Tensor, s2: torch.Tensor):
-        r"""Per component, at (m, s2): ``z`` (B, K, d) — :math:`x - m\mu_k` in the eigenbasis of
-        :math:`\Sigma_k` —, ``c`` — the eigenvalues :math:`m^2\lambda_k + \sigma^2` of :math:`C_k`,
-        (1|B, K, d) or (1|B, K, 1) — and :math:`q_k = z^\top C_k^{-1} z + \log\det C_k` (B, K).
+        r"""Per component, at (m, s2): ``z`` (B, K, d) — $x - m\mu_k$ in the eigenbasis of
+        $\Sigma_k$ —, ``c`` — the eigenvalues $m^2\lambda_k + \sigma^2$ of $C_k$,
+        (1|B, K, d) or (1|B, K, 1) — and $q_k = z^\top C_k^{-1} z + \log\det C_k$ (B, K).
         Reductions over the trailing axis are products with a ones vector (much faster than
         ``sum`` over a short last axis for small d)."""
         _, mu, lam, U = self._params(x64.device)
@@ -320,7 +320,7 @@ class GaussianMixture:
         return z, c, (z * z / c) @ ones_d + torch.log(c) @ ones_d
 
     def _evaluate_vectorized(self, x64, m, s2, want_score, want_post):
-        """All K components at once with (B, K, d) intermediates (:meth:`_component_terms`)."""
+        """All K components at once with (B, K, d) intermediates (`_component_terms`)."""
         log_w, mu, lam, U = self._params(x64.device)
         B, d, K = x64.shape[0], self.dim, self.n_components
         m3 = m.reshape(-1, 1, 1)
@@ -406,7 +406,7 @@ class GaussianMixture:
         return self._evaluate(xf.to(F64), one, zero, False)[0].to(x.dtype)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        r""":math:`\nabla_x\log p(x)`, shaped like ``x``, in x's dtype."""
+        r"""$\nabla_x\log p(x)$, shaped like ``x``, in x's dtype."""
         xf = self._flat(x)
         one, zero = self._ONE.to(x.device), self._ZERO.to(x.device)
         return self._evaluate(xf.to(F64), one, zero, True)[1].to(x.dtype).reshape(x.shape)
@@ -438,8 +438,8 @@ class GaussianMixture:
 
     # -- marginals under a linear SDE ----------------------------------------------------------
     def push(self, sde, t: TimeLike) -> "GaussianMixture":
-        r"""The exact marginal :math:`p_t` at a scalar time t: means :math:`m\mu_k`, covariances
-        :math:`m^2\Sigma_k + \sigma^2 I` (same eigenvectors, eigenvalues :math:`m^2\lambda_k + \sigma^2`)."""
+        r"""The exact marginal $p_t$ at a scalar time t: means $m\mu_k$, covariances
+        $m^2\Sigma_k + \sigma^2 I$ (same eigenvectors, eigenvalues $m^2\lambda_k + \sigma^2$)."""
         sde = _linear_sde(sde)
         t64 = as_time(t, "t")
         if t64.dim() == 1:
@@ -455,13 +455,13 @@ class GaussianMixture:
                                            self.event_shape)
 
     def exact_score(self, sde, analytic_vjp: bool = True) -> Callable[[torch.Tensor, TimeLike], torch.Tensor]:
-        r"""The exact marginal score ``score(x, t)`` :math:`= \nabla_x\log p_t(x)` under a linear SDE.
+        r"""The exact marginal score ``score(x, t)`` $= \nabla_x\log p_t(x)$ under a linear SDE.
 
         ``t`` is a float, a 0-d tensor or a ``(B,)`` tensor (float64 or x's dtype), in ``[0, T]``.
         The result has x's shape and dtype and is differentiable in ``x`` (and ``t``), to any order.
 
         With ``analytic_vjp=True`` (default) backpropagation through the score uses the closed-form
-        Jacobian :math:`\nabla^2\log p_t = -\sum_k r_kC_k^{-1} + \sum_k r_ks_ks_k^\top - ss^\top`
+        Jacobian $\nabla^2\log p_t = -\sum_k r_kC_k^{-1} + \sum_k r_ks_ks_k^\top - ss^\top$
         (a few ``(B, K, d)`` operations instead of autograd replaying the forward pass: the
         vector–Jacobian product costs about as much as the forward pass). It applies where all
         components are evaluated at once and ``t`` does not require grad; elsewhere, and with
@@ -486,9 +486,9 @@ class GaussianMixture:
         return score
 
     def _score_parts(self, x64: torch.Tensor, m: torch.Tensor, s2: torch.Tensor):
-        r"""Responsibilities ``r`` (B, K), the per-component scores :math:`s_k = -C_k^{-1}(x - m\mu_k)`
-        (B, K, d) in the original coordinates, ``c`` (the eigenvalues of :math:`C_k`: (1|B, K, d) or
-        (1|B, K, 1)) and the score :math:`s = \sum_k r_k s_k` (B, d); differentiable torch operations."""
+        r"""Responsibilities ``r`` (B, K), the per-component scores $s_k = -C_k^{-1}(x - m\mu_k)$
+        (B, K, d) in the original coordinates, ``c`` (the eigenvalues of $C_k$: (1|B, K, d) or
+        (1|B, K, 1)) and the score $s = \sum_k r_k s_k$ (B, d); differentiable torch operations."""
         log_w, _, _, U = self._params(x64.device)
         z, c, q = self._component_terms(x64, m, s2)
         lk = log_w - 0.5 * q  # (B, K); constants cancel in r
@@ -499,16 +499,16 @@ class GaussianMixture:
         return r, sk, c, self._mix(r, sk)
 
     def _mix(self, r: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        r""":math:`\sum_k r_k v_k` for ``r`` (B, K), ``v`` (B, K, d): a batched matrix product for
+        r"""$\sum_k r_k v_k$ for ``r`` (B, K), ``v`` (B, K, d): a batched matrix product for
         small d, a broadcast product and sum otherwise (whichever is faster on the CPU, measured)."""
         if self.dim <= 4:
             return torch.bmm(r[:, None, :], v)[:, 0]
         return (r[..., None] * v).sum(1)
 
     def _score_jvp(self, r, sk, c, s, u):
-        r""":math:`J u` for the score's Jacobian :math:`J = \nabla^2\log p_t
-        = -\sum_k r_k C_k^{-1} + \sum_k r_k s_k s_k^\top - s s^\top` (symmetric, so also :math:`u^\top J`):
-        :math:`Ju = -\sum_k r_k C_k^{-1}u + \sum_k r_k s_k (s_k\cdot u) - s\,(s\cdot u)`."""
+        r"""$J u$ for the score's Jacobian $J = \nabla^2\log p_t
+        = -\sum_k r_k C_k^{-1} + \sum_k r_k s_k s_k^\top - s s^\top$ (symmetric, so also $u^\top J$):
+        $Ju = -\sum_k r_k C_k^{-1}u + \sum_k r_k s_k (s_k\cdot u) - s\,(s\cdot u)$."""
         U = self._params(u.device)[3]
         # (broadcast products and matmul only: this runs under vmap for batched VJPs, and einsum
         # has no batching rule inside a custom backward)
@@ -541,9 +541,9 @@ class GaussianMixture:
         return log_prob
 
     def exact_posterior_mean(self, sde) -> Callable[[torch.Tensor, TimeLike], torch.Tensor]:
-        r"""The exact denoiser ``D(x, t)`` :math:`= E[x_0 \mid x_t = x]` under a linear SDE.
+        r"""The exact denoiser ``D(x, t)`` $= E[x_0 \mid x_t = x]$ under a linear SDE.
 
-        :math:`\sum_k r_k(x)\big(\mu_k + m\,\Sigma_k C_k^{-1}(x - m\mu_k)\big)`; shaped like x.
+        $\sum_k r_k(x)\big(\mu_k + m\,\Sigma_k C_k^{-1}(x - m\mu_k)\big)$; shaped like x.
         """
         sde = _linear_sde(sde)
 
@@ -555,12 +555,12 @@ class GaussianMixture:
         return posterior_mean
 
     def exact_posterior_covariance(self, sde) -> Callable[[torch.Tensor, TimeLike], torch.Tensor]:
-        r"""The exact :math:`\mathrm{Cov}[x_0 \mid x_t = x]`, ``(B, d, d)`` (for moderate d).
+        r"""The exact $\mathrm{Cov}[x_0 \mid x_t = x]$, ``(B, d, d)`` (for moderate d).
 
-        The posterior is a mixture with weights :math:`r_k(x)`, means
-        :math:`a_k = \mu_k + m\Sigma_kC_k^{-1}(x - m\mu_k)` and covariances
-        :math:`P_k = \Sigma_k - m^2\Sigma_kC_k^{-1}\Sigma_k = U_k\,\mathrm{diag}(\sigma^2\lambda_k/(m^2\lambda_k+\sigma^2))\,U_k^\top`;
-        its covariance is :math:`\sum_k r_k(P_k + a_k a_k^\top) - \bar a\bar a^\top`.
+        The posterior is a mixture with weights $r_k(x)$, means
+        $a_k = \mu_k + m\Sigma_kC_k^{-1}(x - m\mu_k)$ and covariances
+        $P_k = \Sigma_k - m^2\Sigma_kC_k^{-1}\Sigma_k = U_k\,\mathrm{diag}(\sigma^2\lambda_k/(m^2\lambda_k+\sigma^2))\,U_k^\top$;
+        its covariance is $\sum_k r_k(P_k + a_k a_k^\top) - \bar a\bar a^\top$.
         """
         sde = _linear_sde(sde)
 

@@ -1,15 +1,15 @@
 r"""Score parameterisations — the one place where ε-, denoiser- and v-predictions become scores.
 
-With :math:`x_t = m(t)x_0 + \sigma(t)\varepsilon` (``m``, ``σ`` from the SDE's kernel):
+With $x_t = m(t)x_0 + \sigma(t)\varepsilon$ (``m``, ``σ`` from the SDE's kernel):
 
-* ε-prediction: :math:`\nabla\log p_t(x) = -\hat\varepsilon/\sigma`;
-* denoiser (Tweedie): :math:`\nabla\log p_t(x) = (m\hat D - x)/\sigma^2`, :math:`\hat D \approx E[x_0|x_t]`;
-* v-prediction :math:`v = m\varepsilon - \sigma x_0` (Salimans & Ho 2022, with :math:`\alpha = m`):
-  :math:`x_0 = (m x - \sigma v)/(m^2+\sigma^2)`, :math:`\varepsilon = (\sigma x + m v)/(m^2+\sigma^2)`.
+* ε-prediction: $\nabla\log p_t(x) = -\hat\varepsilon/\sigma$;
+* denoiser (Tweedie): $\nabla\log p_t(x) = (m\hat D - x)/\sigma^2$, $\hat D \approx E[x_0|x_t]$;
+* v-prediction $v = m\varepsilon - \sigma x_0$ (Salimans & Ho 2022, with $\alpha = m$):
+  $x_0 = (m x - \sigma v)/(m^2+\sigma^2)$, $\varepsilon = (\sigma x + m v)/(m^2+\sigma^2)$.
 
-And back: :func:`tweedie_denoise` gives :math:`E[x_0|x_t] = (x + \sigma^2\nabla\log p_t)/m` and
-:func:`tweedie_covariance` the second-order Tweedie
-:math:`\mathrm{Cov}[x_0|x_t] = \frac{\sigma^2}{m^2}(I + \sigma^2\nabla^2\log p_t)`.
+And back: `tweedie_denoise` gives $E[x_0|x_t] = (x + \sigma^2\nabla\log p_t)/m$ and
+`tweedie_covariance` the second-order Tweedie
+$\mathrm{Cov}[x_0|x_t] = \frac{\sigma^2}{m^2}(I + \sigma^2\nabla^2\log p_t)$.
 All callables take ``(x, t)`` with ``t`` a ``(B,)`` tensor (as the solvers pass it).
 """
 
@@ -101,7 +101,7 @@ def score_from_v(v_model: Callable, sde) -> Callable:
 
 
 def eps_from_score(score: Callable, sde) -> Callable:
-    """``eps(x, t) = -sigma(t) score(x, t)`` (inverse of :func:`score_from_eps`)."""
+    """``eps(x, t) = -sigma(t) score(x, t)`` (inverse of `score_from_eps`)."""
     _linear(sde)
 
     def eps(x, t):
@@ -112,7 +112,7 @@ def eps_from_score(score: Callable, sde) -> Callable:
 
 
 def denoiser_from_score(score: Callable, sde) -> Callable:
-    """``D(x, t) = (x + sigma^2 score) / m`` (inverse of :func:`score_from_denoiser`)."""
+    """``D(x, t) = (x + sigma^2 score) / m`` (inverse of `score_from_denoiser`)."""
     _linear(sde)
 
     def denoiser(x, t):
@@ -131,7 +131,7 @@ def v_from_eps_x0(eps: torch.Tensor, x0: torch.Tensor, sde, t: TimeLike) -> torc
 
 
 def tweedie_denoise(score: Callable, sde, x_t: torch.Tensor, t: TimeLike) -> torch.Tensor:
-    r""":math:`E[x_0 | x_t] = (x_t + \sigma^2\nabla\log p_t(x_t))/m` (first-order Tweedie)."""
+    r"""$E[x_0 | x_t] = (x_t + \sigma^2\nabla\log p_t(x_t))/m$ (first-order Tweedie)."""
     _linear(sde)
     x_t = check_state(x_t, "x_t")
     t64 = time_for(t, x_t)
@@ -141,9 +141,9 @@ def tweedie_denoise(score: Callable, sde, x_t: torch.Tensor, t: TimeLike) -> tor
 
 
 def tweedie_covariance(score: Callable, sde, x_t: torch.Tensor, t: TimeLike) -> torch.Tensor:
-    r""":math:`\mathrm{Cov}[x_0|x_t] = \frac{\sigma^2}{m^2}(I + \sigma^2\nabla^2\log p_t(x_t))`, shape ``(B, d, d)``.
+    r"""$\mathrm{Cov}[x_0|x_t] = \frac{\sigma^2}{m^2}(I + \sigma^2\nabla^2\log p_t(x_t))$, shape ``(B, d, d)``.
 
-    The Hessian of :math:`\log p_t` is the Jacobian of the score, by autograd (one backward pass
+    The Hessian of $\log p_t$ is the Jacobian of the score, by autograd (one backward pass
     per dimension: meant for small d). ``x_t`` must have shape ``(B, d)``.
     """
     _linear(sde)

@@ -2,21 +2,23 @@ r"""Forward processes: the general Itô SDE and the linear class used by diffusi
 
 Time runs from data (t = 0) to noise (t = T). A general process is
 
-.. math:: dx = f(x, t)\,dt + G(x, t)\,dW,
+$$
+    dx = f(x, t)\,dt + G(x, t)\,dW,
+$$
 
 with a declared noise kind:
 
 ``"isotropic"``
-    :math:`G = g(t) I` with an *independent* Brownian motion per dimension. (torchsde's
+    $G = g(t) I$ with an *independent* Brownian motion per dimension. (torchsde's
     ``"scalar"`` noise shares ONE Brownian motion across dimensions, which is a different process
-    for d > 1.) ``diffusion(x, t)`` returns :math:`g(t)` as a ``(B,)`` tensor.
+    for d > 1.) ``diffusion(x, t)`` returns $g(t)$ as a ``(B,)`` tensor.
 ``"diagonal"``
-    :math:`G = \mathrm{diag}(g(x, t))` elementwise; ``diffusion`` returns a tensor shaped like x.
+    $G = \mathrm{diag}(g(x, t))$ elementwise; ``diffusion`` returns a tensor shaped like x.
 ``"general"``
-    :math:`G(x, t)` a ``(B, d, m)`` matrix for states of shape ``(B, d)`` (small d).
+    $G(x, t)$ a ``(B, d, m)`` matrix for states of shape ``(B, d)`` (small d).
 
-The linear class :class:`LinearSDE` (:math:`dx = f(t)x\,dt + g(t)\,dW`) adds the Gaussian
-perturbation kernel :math:`x_t | x_0 \sim N(m(t)x_0, \sigma(t)^2 I)` from :mod:`sdekit.kernels`.
+The linear class `LinearSDE` ($dx = f(t)x\,dt + g(t)\,dW$) adds the Gaussian
+perturbation kernel $x_t | x_0 \sim N(m(t)x_0, \sigma(t)^2 I)$ from `sdekit.kernels`.
 
 User callables ``drift(x, t)``, ``diffusion(x, t)`` receive ``t`` as a ``(B,)`` tensor in the
 state's dtype and device; the linear coefficients ``f(t)``, ``g(t)`` receive float64 tensors.
@@ -80,7 +82,7 @@ def _batch_time(t64: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class SDE(ProcessBase):
-    r"""A general Itô SDE :math:`dx = f(x,t)\,dt + G(x,t)\,dW` on :math:`t \in [0, T]`.
+    r"""A general Itô SDE $dx = f(x,t)\,dt + G(x,t)\,dW$ on $t \in [0, T]$.
 
     Parameters
     ----------
@@ -95,10 +97,10 @@ class SDE(ProcessBase):
         End time (> 0).
     prior:
         Optional object with ``sample(shape, generator, dtype, device)`` and ``log_prob(z)`` used
-        by :meth:`prior_sample` / :meth:`prior_log_prob` (a general SDE has no closed kernel).
+        by `prior_sample` / `prior_log_prob` (a general SDE has no closed kernel).
     diffusion_divergence:
-        Optional ``(x, t) -> tensor`` returning :math:`\nabla\cdot(GG^T)` (the vector
-        :math:`\sum_j \partial_j (GG^T)_{ij}`) for state-dependent noise; by autograd otherwise.
+        Optional ``(x, t) -> tensor`` returning $\nabla\cdot(GG^T)$ (the vector
+        $\sum_j \partial_j (GG^T)_{ij}$) for state-dependent noise; by autograd otherwise.
     """
 
     is_linear = False
@@ -145,7 +147,7 @@ class SDE(ProcessBase):
         return out
 
     def _diffusion_matrix_action(self, x: torch.Tensor, t64: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """:math:`G G^T v` for a vector field ``v`` shaped like ``x``."""
+        """$G G^T v$ for a vector field ``v`` shaped like ``x``."""
         G = self._diffusion(x, t64)
         if self.noise == "isotropic":
             return broadcast_to_data(G * G, x) * v
@@ -154,7 +156,7 @@ class SDE(ProcessBase):
         return torch.einsum("bij,bkj,bk->bi", G, G, v)
 
     def _noise_increment(self, x: torch.Tensor, t64: torch.Tensor, dW: torch.Tensor) -> torch.Tensor:
-        r""":math:`G(x,t)\,dW` with ``dW`` shaped like ``x`` (``(B, m)`` for general noise)."""
+        r"""$G(x,t)\,dW$ with ``dW`` shaped like ``x`` (``(B, m)`` for general noise)."""
         return apply_diffusion(self.noise, self._diffusion(x, t64), x, dW)
 
     @property
@@ -199,16 +201,16 @@ class SDE(ProcessBase):
 
     # -- derived dynamics ------------------------------------------------------------------------
     def reverse(self, score: Callable, eta: Union[float, Callable] = 1.0, t_eps: float = SAMPLING_T_EPS):
-        r"""The reverse-time family :math:`dx = [f - \frac{1+\eta^2}{2}\,GG^T\nabla\log p]dt + \eta G\,d\bar W`.
+        r"""The reverse-time family $dx = [f - \frac{1+\eta^2}{2}\,GG^T\nabla\log p]dt + \eta G\,d\bar W$.
 
-        See :class:`sdekit.dynamics.ReverseSDE`.
+        See `sdekit.dynamics.ReverseSDE`.
         """
         return ReverseSDE(self, score, eta=eta, t_eps=t_eps)
 
     def probability_flow(self, score: Callable, t_eps: float = SAMPLING_T_EPS):
-        r"""The probability-flow ODE :math:`dx/dt = f - \frac12 GG^T\nabla\log p` (callable as ``(t, x)``).
+        r"""The probability-flow ODE $dx/dt = f - \frac12 GG^T\nabla\log p$ (callable as ``(t, x)``).
 
-        See :class:`sdekit.dynamics.ProbabilityFlowODE`.
+        See `sdekit.dynamics.ProbabilityFlowODE`.
         """
         return ProbabilityFlowODE(self, score, t_eps=t_eps)
 
@@ -217,7 +219,7 @@ class SDE(ProcessBase):
 
 
 class LinearSDE(SDE):
-    r"""The linear SDE :math:`dx = f(t)\,x\,dt + g(t)\,dW` with isotropic noise and a Gaussian kernel.
+    r"""The linear SDE $dx = f(t)\,x\,dt + g(t)\,dW$ with isotropic noise and a Gaussian kernel.
 
     Parameters
     ----------
@@ -228,7 +230,7 @@ class LinearSDE(SDE):
     T:
         End time (> 0).
     kernel:
-        A :class:`sdekit.kernels.Kernel` to use instead of the numeric one (built-ins pass their
+        A `sdekit.kernels.Kernel` to use instead of the numeric one (built-ins pass their
         closed forms); when given, ``f`` and ``g`` may be ``None``.
     tol:
         Interpolation tolerance of the numeric kernel.
@@ -281,36 +283,36 @@ class LinearSDE(SDE):
         return t64
 
     def f(self, t: TimeLike) -> torch.Tensor:
-        """Drift coefficient :math:`f(t)` (float64)."""
+        """Drift coefficient $f(t)$ (float64)."""
         return self.kernel.f(self._t(t))
 
     def g(self, t: TimeLike) -> torch.Tensor:
-        """Diffusion coefficient :math:`g(t)` (float64)."""
+        """Diffusion coefficient $g(t)$ (float64)."""
         return torch.sqrt(self.kernel.g2(self._t(t)))
 
     def g2(self, t: TimeLike) -> torch.Tensor:
-        """:math:`g(t)^2` (float64)."""
+        """$g(t)^2$ (float64)."""
         return self.kernel.g2(self._t(t))
 
     def marginal(self, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
-        r"""``(m(t), sigma(t))`` of the kernel :math:`x_t | x_0 \sim N(m x_0, \sigma^2 I)` (float64)."""
+        r"""``(m(t), sigma(t))`` of the kernel $x_t | x_0 \sim N(m x_0, \sigma^2 I)$ (float64)."""
         t64 = self._t(t)
         return self.kernel.m(t64), self.kernel.sigma(t64)
 
     def marginal_derivatives(self, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
-        r"""``(m'(t), sigma'(t))`` from the exact identities :math:`m' = fm`,
-        :math:`\sigma' = (2f\sigma^2 + g^2)/(2\sigma)` (float64)."""
+        r"""``(m'(t), sigma'(t))`` from the exact identities $m' = fm$,
+        $\sigma' = (2f\sigma^2 + g^2)/(2\sigma)$ (float64)."""
         t64 = self._t(t)
         k = self.kernel
         f, s = k.f(t64), k.sigma(t64)
         return f * k.m(t64), (2.0 * f * s * s + k.g2(t64)) / (2.0 * s)
 
     def log_snr(self, t: TimeLike) -> torch.Tensor:
-        r""":math:`\lambda(t) = \log(m(t)^2/\sigma(t)^2)`, strictly decreasing (float64)."""
+        r"""$\lambda(t) = \log(m(t)^2/\sigma(t)^2)$, strictly decreasing (float64)."""
         return self.kernel.log_snr(self._t(t))
 
     def t_from_log_snr(self, lam: TimeLike) -> torch.Tensor:
-        r"""Inverse of :meth:`log_snr`: the t in ``(0, T]`` with :math:`\lambda(t) = ` ``lam``."""
+        r"""Inverse of `log_snr`: the t in ``(0, T]`` with $\lambda(t) =$ ``lam``."""
         lam64 = as_time(lam, "lam")
         lam_T = self.kernel.log_snr_T
         if float(lam64.min()) < lam_T - 1e-9 * max(1.0, abs(lam_T)):
@@ -346,7 +348,7 @@ class LinearSDE(SDE):
     sample_marginal = marginal_sample  # the old name, kept as an alias
 
     def marginal_log_prob(self, x_t: torch.Tensor, x0: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """:math:`\\log N(x_t; m x_0, \\sigma^2 I)` summed over non-batch dims, shape ``(B,)``."""
+        """$\\log N(x_t; m x_0, \\sigma^2 I)$ summed over non-batch dims, shape ``(B,)``."""
         x_t = check_state(x_t, "x_t")
         x0, t64 = self._check_xt(x0, t, "x0")
         if x_t.shape != x0.shape:
@@ -355,26 +357,26 @@ class LinearSDE(SDE):
         return gaussian_log_prob(x_t, m * x0, s * s)
 
     def conditional_score(self, x_t: torch.Tensor, x0: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """:math:`\\nabla_{x_t}\\log p(x_t|x_0) = -(x_t - m x_0)/\\sigma^2`."""
+        """$\\nabla_{x_t}\\log p(x_t|x_0) = -(x_t - m x_0)/\\sigma^2$."""
         x_t = check_state(x_t, "x_t")
         x0, t64 = self._check_xt(x0, t, "x0")
         m, s = self._coefs(t64, x0)
         return -(x_t - m * x0) / (s * s)
 
     def prior_std(self) -> float:
-        """Standard deviation :math:`\\sigma(T)` of the prior :math:`N(0, \\sigma(T)^2 I)`."""
+        """Standard deviation $\\sigma(T)$ of the prior $N(0, \\sigma(T)^2 I)$."""
         return float(self.kernel.sigma(torch.tensor(self.T, dtype=F64)))
 
     def prior_sample(self, shape: Sequence[int], generator: Optional[torch.Generator] = None,
                      dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-        """A sample of the prior :math:`N(0, \\sigma(T)^2 I)` (the kernel at T for data at 0)."""
+        """A sample of the prior $N(0, \\sigma(T)^2 I)$ (the kernel at T for data at 0)."""
         shape = tuple(int(s) for s in shape)
         if len(shape) < 1 or any(s <= 0 for s in shape):
             raise ValueError(f"shape must be a non-empty tuple of positive sizes, got {shape}")
         return self.prior_std() * torch.randn(shape, generator=generator, dtype=dtype, device=device)
 
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """:math:`\\log N(z; 0, \\sigma(T)^2 I)` summed over non-batch dims, shape ``(B,)``."""
+        """$\\log N(z; 0, \\sigma(T)^2 I)$ summed over non-batch dims, shape ``(B,)``."""
         z = check_state(z, "z")
         return gaussian_log_prob(z, 0.0, self.prior_std() ** 2)
 
@@ -382,12 +384,12 @@ class LinearSDE(SDE):
     @classmethod
     def from_kernel(cls, m: Callable, sigma: Callable, T: float = 1.0, *, dm: Optional[Callable] = None,
                     dsigma: Optional[Callable] = None, check_points: int = 2001) -> "LinearSDE":
-        r"""Build the process whose kernel is :math:`N(m(t)x_0, \sigma(t)^2 I)`.
+        r"""Build the process whose kernel is $N(m(t)x_0, \sigma(t)^2 I)$.
 
-        :math:`f = m'/m` and :math:`g^2 = (\sigma^2)' - 2f\sigma^2` (derivatives by autograd
-        unless ``dm``, ``dsigma`` are given). Raises ``ValueError`` if :math:`m \le 0`,
-        :math:`\sigma(0) \ne 0`, or :math:`g^2 < 0` somewhere on ``[0, T]`` (the kernel is not
-        reachable by a diffusion). Works for EDM's :math:`s(t), \sigma(t)` and for Gaussian
+        $f = m'/m$ and $g^2 = (\sigma^2)' - 2f\sigma^2$ (derivatives by autograd
+        unless ``dm``, ``dsigma`` are given). Raises ``ValueError`` if $m \le 0$,
+        $\sigma(0) \ne 0$, or $g^2 < 0$ somewhere on ``[0, T]`` (the kernel is not
+        reachable by a diffusion). Works for EDM's $s(t), \sigma(t)$ and for Gaussian
         flow-matching paths (e.g. ``m = 1 - t``, ``sigma = t`` with ``T < 1``).
         """
         T = _check_T(T)
@@ -418,11 +420,11 @@ class LinearSDE(SDE):
 
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod, T: float = 1.0) -> "LinearSDE":
-        r"""A continuous VP process through a discrete DDPM table :math:`\bar\alpha_1..\bar\alpha_N`.
+        r"""A continuous VP process through a discrete DDPM table $\bar\alpha_1..\bar\alpha_N$.
 
-        :math:`\log m` is piecewise linear through :math:`(nT/N, \frac12\log\bar\alpha_n)` and
-        :math:`(0, 0)`; :math:`\sigma^2 = 1 - m^2` (see :class:`sdekit.kernels.DiscreteVPKernel`).
-        Discrete step n corresponds to time :math:`t = nT/N`.
+        $\log m$ is piecewise linear through $(nT/N, \frac12\log\bar\alpha_n)$ and
+        $(0, 0)$; $\sigma^2 = 1 - m^2$ (see `sdekit.kernels.DiscreteVPKernel`).
+        Discrete step n corresponds to time $t = nT/N$.
         """
         T = _check_T(T)
         a = torch.as_tensor(alphas_cumprod, dtype=F64)
@@ -453,25 +455,25 @@ class _BetaScheduleSDE(LinearSDE):
 
 
 class VPSDE(_BetaScheduleSDE):
-    r"""Variance-preserving SDE: :math:`dx = -\frac12\beta(t)x\,dt + \sqrt{\beta(t)}\,dW`,
-    :math:`\beta(t) = \beta_{min} + t(\beta_{max} - \beta_{min})`."""
+    r"""Variance-preserving SDE: $dx = -\frac12\beta(t)x\,dt + \sqrt{\beta(t)}\,dW$,
+    $\beta(t) = \beta_{min} + t(\beta_{max} - \beta_{min})$."""
 
     _kernel_cls = K.VPKernel
 
 
 class SubVPSDE(_BetaScheduleSDE):
-    r"""Sub-VP SDE: :math:`dx = -\frac12\beta x\,dt + \sqrt{\beta(1 - e^{-2\int_0^t\beta})}\,dW`."""
+    r"""Sub-VP SDE: $dx = -\frac12\beta x\,dt + \sqrt{\beta(1 - e^{-2\int_0^t\beta})}\,dW$."""
 
     _kernel_cls = K.SubVPKernel
 
 
 class VESDE(LinearSDE):
-    r"""Variance-exploding SDE :math:`dx = \sqrt{d\sigma_{ve}^2/dt}\,dW`,
-    :math:`\sigma_{ve}(t) = \sigma_{min}(\sigma_{max}/\sigma_{min})^{t/T}`.
+    r"""Variance-exploding SDE $dx = \sqrt{d\sigma_{ve}^2/dt}\,dW$,
+    $\sigma_{ve}(t) = \sigma_{min}(\sigma_{max}/\sigma_{min})^{t/T}$.
 
-    The kernel is exact from t = 0: :math:`\sigma(t)^2 = \sigma_{ve}(t)^2 - \sigma_{min}^2`.
-    score_sde's ``VESDE`` reports std :math:`\sigma_{ve}(t)`, i.e. treats data as already carrying
-    :math:`\sigma_{min}` noise; to compare, use :math:`\sigma_{ve}^2 = \sigma^2 + \sigma_{min}^2`.
+    The kernel is exact from t = 0: $\sigma(t)^2 = \sigma_{ve}(t)^2 - \sigma_{min}^2$.
+    score_sde's ``VESDE`` reports std $\sigma_{ve}(t)$, i.e. treats data as already carrying
+    $\sigma_{min}$ noise; to compare, use $\sigma_{ve}^2 = \sigma^2 + \sigma_{min}^2$.
     """
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, T: float = 1.0):
@@ -485,9 +487,9 @@ class VESDE(LinearSDE):
 
 class CosineVPSDE(LinearSDE):
     r"""The cosine schedule (Nichol & Dhariwal 2021) as a VP SDE,
-    :math:`\bar\alpha(t) = \cos^2(\frac{\pi}{2}\frac{t+s}{1+s})/\cos^2(\frac{\pi}{2}\frac{s}{1+s})`.
+    $\bar\alpha(t) = \cos^2(\frac{\pi}{2}\frac{t+s}{1+s})/\cos^2(\frac{\pi}{2}\frac{s}{1+s})$.
 
-    :math:`\beta(t) = g^2 = \frac{\pi}{1+s}\tan(\frac{\pi}{2}\frac{t+s}{1+s})` blows up at t = 1,
+    $\beta(t) = g^2 = \frac{\pi}{1+s}\tan(\frac{\pi}{2}\frac{t+s}{1+s})$ blows up at t = 1,
     so ``T`` must be < 1; the default 0.9946 is DPM-Solver's choice (log-SNR(T) ≈ −9.2).
     """
 
@@ -504,7 +506,7 @@ class CosineVPSDE(LinearSDE):
 
 
 class OrnsteinUhlenbeck(LinearSDE):
-    r"""Ornstein–Uhlenbeck process :math:`dx = -\theta x\,dt + \sigma\,dW` (θ > 0, σ > 0)."""
+    r"""Ornstein–Uhlenbeck process $dx = -\theta x\,dt + \sigma\,dW$ (θ > 0, σ > 0)."""
 
     def __init__(self, theta: float = 1.0, sigma: float = 1.0, T: float = 1.0):
         self.theta = check_positive(theta, "theta")

@@ -1,16 +1,16 @@
 r"""Divergence estimators for vector fields given by autograd: exact (batched basis) and Hutchinson.
 
-For a field :math:`v: \mathbb R^d \to \mathbb R^d` evaluated on a batch (samples independent:
-``v(x)[b]`` depends on ``x[b]`` only), the divergence :math:`\nabla\cdot v = \operatorname{tr} J`
-(:math:`J = \partial v/\partial x`) is obtained from vector–Jacobian products
-:math:`u \mapsto u^\top J` (one reverse-mode backward pass each):
+For a field $v: \mathbb R^d \to \mathbb R^d$ evaluated on a batch (samples independent:
+``v(x)[b]`` depends on ``x[b]`` only), the divergence $\nabla\cdot v = \operatorname{tr} J$
+($J = \partial v/\partial x$) is obtained from vector–Jacobian products
+$u \mapsto u^\top J$ (one reverse-mode backward pass each):
 
-* **exact** — :math:`\operatorname{tr}J = \sum_i e_i^\top J e_i`: ``d`` VJPs with the basis
+* **exact** — $\operatorname{tr}J = \sum_i e_i^\top J e_i$: ``d`` VJPs with the basis
   vectors, evaluated together as ONE batched backward pass (``torch.autograd.grad(...,
   is_grads_batched=True)``, i.e. ``vmap`` over the backward graph) after ONE forward pass.
   Its cost grows like ``d`` backward passes, so it is meant for small ``d``.
-* **Hutchinson** — :math:`\operatorname{tr}J = \mathbb E[\varepsilon^\top J\varepsilon]` for any
-  probe with :math:`\mathbb E[\varepsilon\varepsilon^\top] = I` (Rademacher :math:`\pm1` entries or
+* **Hutchinson** — $\operatorname{tr}J = \mathbb E[\varepsilon^\top J\varepsilon]$ for any
+  probe with $\mathbb E[\varepsilon\varepsilon^\top] = I$ (Rademacher $\pm1$ entries or
   standard normal). ``K`` probes are evaluated together in one batched backward pass; the ``K``
   single-probe estimates are returned separately so that their spread gives a standard error.
 
@@ -88,7 +88,7 @@ def _vjps(out: torch.Tensor, x: torch.Tensor, vecs: torch.Tensor, create_graph: 
 def exact_divergence_of(out: torch.Tensor, x: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
     """Exact divergence ``(B,)`` of ``out`` (computed from ``x`` with autograd) w.r.t. ``x``.
 
-    Low-level form of :func:`exact_divergence` for callers that already hold the forward pass.
+    Low-level form of `exact_divergence` for callers that already hold the forward pass.
     The ``d`` basis VJPs are done in batched backward passes of at most ``2**24`` gradient
     elements each (one pass for moderate ``B * d**2``).
     """
@@ -113,7 +113,7 @@ def hutchinson_divergence_of(out: torch.Tensor, x: torch.Tensor, probes: torch.T
                              create_graph: bool = False) -> torch.Tensor:
     """Per-probe Hutchinson estimates ``(B, K)`` of the divergence of ``out`` w.r.t. ``x``.
 
-    ``probes`` has shape ``(K, *x.shape)``. Low-level form of :func:`hutchinson_divergence`.
+    ``probes`` has shape ``(K, *x.shape)``. Low-level form of `hutchinson_divergence`.
     """
     g = _vjps(out, x, probes, create_graph, retain_graph=create_graph)
     K, B = probes.shape[0], x.shape[0]
@@ -142,7 +142,7 @@ def _call(fn, xin, t):
 
 def exact_divergence(fn: Callable, x: torch.Tensor, t=None, *, create_graph: bool = False
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-    r"""``(fn(x, t), div)``: the field and its exact divergence :math:`\sum_i \partial_i fn_i`, ``(B,)``.
+    r"""``(fn(x, t), div)``: the field and its exact divergence $\sum_i \partial_i fn_i$, ``(B,)``.
 
     One forward pass and ``d`` vector–Jacobian products done as one batched backward pass
     (``d = x[0].numel()``; cost ≈ forward + ``d`` backward passes — meant for small ``d``).
@@ -173,10 +173,10 @@ def hutchinson_divergence(fn: Callable, x: torch.Tensor, t=None, probes: Optiona
                           create_graph: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     r"""``(fn(x, t), est)``: the field and per-probe Hutchinson estimates ``(B, K)`` of its divergence.
 
-    :math:`\widehat{\nabla\cdot fn}_k = \varepsilon_k^\top J\,\varepsilon_k`, unbiased when
-    :math:`\mathbb E[\varepsilon\varepsilon^\top] = I`. ``probes`` is ``(K, *x.shape)`` (or
+    $\widehat{\nabla\cdot fn}_k = \varepsilon_k^\top J\,\varepsilon_k$, unbiased when
+    $\mathbb E[\varepsilon\varepsilon^\top] = I$. ``probes`` is ``(K, *x.shape)`` (or
     ``x.shape`` for one probe); if omitted, ``n_probes`` probes of kind ``probe`` are drawn from
-    ``generator`` (:func:`draw_probes`). One forward pass and one batched backward pass for all
+    ``generator`` (`draw_probes`). One forward pass and one batched backward pass for all
     ``K`` probes. The estimate is ``est.mean(1)``; its standard error ``est.std(1) / sqrt(K)``.
     """
     xin = _prepare(fn, x)
@@ -204,8 +204,8 @@ def draw_probes(shape, n_probes: int, probe: str = "rademacher", generator: Opti
     """``n_probes`` probe vectors of shape ``shape``, stacked: ``(n_probes, *shape)``.
 
     ``"rademacher"``: independent ±1 entries (the lower-variance choice: the variance of
-    :math:`\\varepsilon^\\top A\\varepsilon` is :math:`2\\sum_{i\\ne j}\\bar A_{ij}^2` against
-    :math:`2\\sum_{i,j}\\bar A_{ij}^2` for Gaussian probes, :math:`\\bar A = (A + A^\\top)/2`);
+    $\\varepsilon^\\top A\\varepsilon$ is $2\\sum_{i\\ne j}\\bar A_{ij}^2$ against
+    $2\\sum_{i,j}\\bar A_{ij}^2$ for Gaussian probes, $\\bar A = (A + A^\\top)/2$);
     ``"gaussian"``: standard normal entries.
     """
     n_probes = check_int(n_probes, "n_probes", 1)

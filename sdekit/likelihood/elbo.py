@@ -1,51 +1,51 @@
-r"""The variational lower bound (ELBO) on :math:`\log p_{t_\varepsilon}(x)` for any linear SDE.
+r"""The variational lower bound (ELBO) on $\log p_{t_\varepsilon}(x)$ for any linear SDE.
 
-For a score model :math:`s_\theta` and the linear forward process
-:math:`dx = f(t)x\,dt + g(t)\,dW` (Song, Durkan, Murray & Ermon 2021, *Maximum likelihood
+For a score model $s_\theta$ and the linear forward process
+$dx = f(t)x\,dt + g(t)\,dW$ (Song, Durkan, Murray & Ermon 2021, *Maximum likelihood
 training of score-based diffusion models*, Theorem 1 in its pointwise, denoising form), the
-density :math:`p^{\theta}_{t_\varepsilon}` of the reverse-time SDE driven by :math:`s_\theta`
-and started from the prior :math:`\pi` at :math:`T` satisfies, for every point :math:`x` taken as
-the state at time :math:`s = t_\varepsilon`,
+density $p^{\theta}_{t_\varepsilon}$ of the reverse-time SDE driven by $s_\theta$
+and started from the prior $\pi$ at $T$ satisfies, for every point $x$ taken as
+the state at time $s = t_\varepsilon$,
 
-.. math::
-
+$$
     \log p^{\theta}_{s}(x) \;\ge\; \mathcal L(x) =
-      \mathbb E\big[\log\pi(x_T)\big]
-      - \tfrac12\int_s^T g(t)^2\,\mathbb E\Big[\|s_\theta(x_t,t)\|^2
-            + 2\,s_\theta(x_t,t)\cdot\tfrac{\varepsilon}{b(t)}\Big]dt
-      + d\int_s^T f(t)\,dt,
+    \mathbb E\big[\log\pi(x_T)\big]
+    - \tfrac12\int_s^T g(t)^2\,\mathbb E\Big[\|s_\theta(x_t,t)\|^2
+    + 2\,s_\theta(x_t,t)\cdot\tfrac{\varepsilon}{b(t)}\Big]dt
+    + d\int_s^T f(t)\,dt,
+$$
 
-with :math:`x_t = a(t)x + b(t)\varepsilon` the forward process *started at x at time s*:
-:math:`a = m(t)/m(s)`, :math:`b^2 = m(t)^2\,(e^{-\lambda(t)} - e^{-\lambda(s)})` (λ the log-SNR),
-so that :math:`\nabla\log p(x_t|x_s{=}x) = -\varepsilon/b` and the integrand is Song et al.'s
-:math:`\|s_\theta - \nabla\log p_{st}\|^2 - \|\nabla\log p_{st}\|^2` written without the
-cancelling :math:`\|\varepsilon\|^2/b^2`. :math:`\nabla\cdot(f(t)x) = d\,f(t)`. With the exact
-score and :math:`\pi = p_T` the bound is an equality (the gap is the KL divergence between the
-forward path measure given :math:`x_s = x` and the model's, which then coincide); with the
-process's own prior :math:`\pi = N(0, \sigma(T)^2 I)` its expectation is
-:math:`\log p_s(x) + \mathbb E[\log\pi(x_T) - \log p_T(x_T) \mid x_s = x]`.
+with $x_t = a(t)x + b(t)\varepsilon$ the forward process *started at x at time s*:
+$a = m(t)/m(s)$, $b^2 = m(t)^2\,(e^{-\lambda(t)} - e^{-\lambda(s)})$ (λ the log-SNR),
+so that $\nabla\log p(x_t|x_s{=}x) = -\varepsilon/b$ and the integrand is Song et al.'s
+$\|s_\theta - \nabla\log p_{st}\|^2 - \|\nabla\log p_{st}\|^2$ written without the
+cancelling $\|\varepsilon\|^2/b^2$. $\nabla\cdot(f(t)x) = d\,f(t)$. With the exact
+score and $\pi = p_T$ the bound is an equality (the gap is the KL divergence between the
+forward path measure given $x_s = x$ and the model's, which then coincide); with the
+process's own prior $\pi = N(0, \sigma(T)^2 I)$ its expectation is
+$\log p_s(x) + \mathbb E[\log\pi(x_T) - \log p_T(x_T) \mid x_s = x]$.
 
-**What is estimated** is therefore a lower bound on :math:`\log p^\theta_{t_\varepsilon}(x)` — the
-same quantity that :func:`sdekit.likelihood.log_likelihood` integrates through the
-probability-flow ODE — not :math:`\log p_0` (that needs a decoder term for
-:math:`[0, t_\varepsilon]`; see ``docs/likelihood_data.md``).
+**What is estimated** is therefore a lower bound on $\log p^\theta_{t_\varepsilon}(x)$ — the
+same quantity that `sdekit.likelihood.log_likelihood` integrates through the
+probability-flow ODE — not $\log p_0$ (that needs a decoder term for
+$[0, t_\varepsilon]$; see ``docs/likelihood_data.md``).
 
 **Estimator** (derivation and variance analysis in ``docs/likelihood_data.md``): the prior term
-is exact for the Gaussian prior; :math:`d\int f = d\,(\log m(T) - \log m(s))` is exact; the
+is exact for the Gaussian prior; $d\int f = d\,(\log m(T) - \log m(s))$ is exact; the
 time integral is Monte Carlo with
 
-* *importance sampling* of t with density :math:`\propto g^2/\sigma^2 = -\lambda'(t)`, i.e.
-  :math:`\lambda \sim U[\lambda(T), \lambda(s)]`, :math:`t = \lambda^{-1}(\lambda)`, weight
-  :math:`(\lambda(s) - \lambda(T))\,\sigma(t)^2/g(t)^2` (``importance="auto"``), uniform t
+* *importance sampling* of t with density $\propto g^2/\sigma^2 = -\lambda'(t)$, i.e.
+  $\lambda \sim U[\lambda(T), \lambda(s)]$, $t = \lambda^{-1}(\lambda)$, weight
+  $(\lambda(s) - \lambda(T))\,\sigma(t)^2/g(t)^2$ (``importance="auto"``), uniform t
   (``None``), or the defensive half-and-half mixture of the two (``"mixture"``);
-* *antithetic noise* :math:`\pm\varepsilon` (removes the :math:`O(1/b)` odd term, whose variance
-  otherwise diverges logarithmically at :math:`t \to s`);
-* a *control variate* :math:`c(t)\,g^2(\|\varepsilon\|^2 - d)/b^2` with
-  :math:`c = \rho(2-\rho)`, :math:`\rho = u/(v + u)`,
-  :math:`u = b^2/a^2 = m(s)^2(e^{-\lambda(t)} - e^{-\lambda(s)})` (so :math:`du = g^2/a^2\,dt`),
+* *antithetic noise* $\pm\varepsilon$ (removes the $O(1/b)$ odd term, whose variance
+  otherwise diverges logarithmically at $t \to s$);
+* a *control variate* $c(t)\,g^2(\|\varepsilon\|^2 - d)/b^2$ with
+  $c = \rho(2-\rho)$, $\rho = u/(v + u)$,
+  $u = b^2/a^2 = m(s)^2(e^{-\lambda(t)} - e^{-\lambda(s)})$ (so $du = g^2/a^2\,dt$),
   v = ``data_var``
   (the optimal coefficient for Gaussian data of variance v); its mean is added back in closed form,
-  :math:`\tfrac d2\big[\log(1 + u_T/v) + u_T/(v + u_T)\big]`, so the estimate is unbiased for
+  $\tfrac d2\big[\log(1 + u_T/v) + u_T/(v + u_T)\big]$, so the estimate is unbiased for
   every v > 0.
 """
 
@@ -74,16 +74,16 @@ IMPORTANCE = ("auto", "log_snr", "uniform", "mixture", None)
 
 @dataclass
 class ElboResult:
-    r"""What :func:`elbo` estimated (nats, float64, shape ``(B,)``).
+    r"""What `elbo` estimated (nats, float64, shape ``(B,)``).
 
     Attributes
     ----------
     log_prob:
-        The Monte-Carlo estimate of the lower bound :math:`\mathcal L(x) \le \log p^\theta_{t_\varepsilon}(x)`
-        per sample (unbiased for :math:`\mathcal L`).
+        The Monte-Carlo estimate of the lower bound $\mathcal L(x) \le \log p^\theta_{t_\varepsilon}(x)$
+        per sample (unbiased for $\mathcal L$).
     stderr:
         Its Monte-Carlo standard error: sample std over the ``n_t`` independent time draws
-        (each averaged over its ``n_eps`` noises) divided by :math:`\sqrt{n_t}`.
+        (each averaged over its ``n_eps`` noises) divided by $\sqrt{n_t}$.
     stats:
         A ``SolverStats`` like ``LikelihoodResult.stats``: ``nfe`` = score evaluations per
         sample (``n_t * n_eps``, doubled when antithetic), ``steps`` = ``accepted`` = ``n_t``
@@ -94,11 +94,11 @@ class ElboResult:
     score_calls:
         Calls of ``score`` (each on a batch of up to ``max_batch`` rows).
     prior_term:
-        :math:`E[\log\pi(x_T) | x]`: exact for the Gaussian prior, a Monte-Carlo mean for a
+        $E[\log\pi(x_T) | x]$: exact for the Gaussian prior, a Monte-Carlo mean for a
         user ``prior_log_prob``.
     constant_term:
         The exactly integrated part, the same for every sample:
-        :math:`d(\log m(T) - \log m(s))` plus the control variate's mean.
+        $d(\log m(T) - \log m(s))$ plus the control variate's mean.
     """
 
     log_prob: torch.Tensor
@@ -128,7 +128,7 @@ class ElboResult:
 
 def _check_elbo_args(sde, score, x0, n_t, n_eps, max_batch, generator, t_eps, importance, antithetic,
                      control_variate, data_var, prior_log_prob):
-    """Validate every argument of :func:`elbo` before any work; return the normalised ones."""
+    """Validate every argument of `elbo` before any work; return the normalised ones."""
     if not isinstance(sde, LinearSDE):
         raise TypeError(f"sde must be a sdekit.LinearSDE (the bound uses its Gaussian kernel), got "
                         f"{type(sde).__name__}")
@@ -153,12 +153,12 @@ def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n
          generator: Optional[torch.Generator] = None, t_eps: float = LIKELIHOOD_T_EPS, importance="auto",
          antithetic: bool = True, control_variate: bool = True, data_var: float = 1.0,
          prior_log_prob: Optional[Callable] = None, max_batch: int = 8192) -> ElboResult:
-    r"""Monte-Carlo estimate of the ELBO :math:`\mathcal L(x) \le \log p^\theta_{t_\varepsilon}(x)` (module docs).
+    r"""Monte-Carlo estimate of the ELBO $\mathcal L(x) \le \log p^\theta_{t_\varepsilon}(x)$ (module docs).
 
     Parameters
     ----------
     sde:
-        A :class:`sdekit.LinearSDE` (closed-form or numeric kernel): only its ``g``, its
+        A `sdekit.LinearSDE` (closed-form or numeric kernel): only its ``g``, its
         transition (``kernel.transition``), log-SNR and its inverse are used.
     score:
         ``score(x, t) -> tensor`` shaped like ``x`` (``t`` a ``(N,)`` tensor in x's dtype).
@@ -174,7 +174,7 @@ def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n
         The data-side end of the time integral, in ``(0, T)``. Default ``LIKELIHOOD_T_EPS`` = 1e-5
         (the rule, in ``docs/concepts.md``: likelihoods stop at 1e-5, sampling at 1e-3).
     importance:
-        ``"auto"`` or ``"log_snr"``: t with density :math:`\propto g^2/\sigma^2` (uniform
+        ``"auto"`` or ``"log_snr"``: t with density $\propto g^2/\sigma^2$ (uniform
         log-SNR); ``None`` or ``"uniform"``: t uniform on ``[t_eps, T]``; ``"mixture"``: each
         draw from either with probability 1/2, weighted by the mixture density (the second moment of
         the weighted integrand is at most twice that of either).
@@ -183,14 +183,14 @@ def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n
         rough per-coordinate variance of the data.
     prior_log_prob:
         Optional ``z -> (N,)`` log density of the prior at T (default: the process's own
-        :math:`N(0, \sigma(T)^2 I)`, integrated exactly); estimated by Monte Carlo with one
-        :math:`x_T` per time draw.
+        $N(0, \sigma(T)^2 I)$, integrated exactly); estimated by Monte Carlo with one
+        $x_T$ per time draw.
     max_batch:
         Maximum rows per score call.
 
     Returns
     -------
-    :class:`ElboResult`.
+    `ElboResult`.
     """
     x0, n_t, n_eps, max_batch, t_eps, mode, v = _check_elbo_args(
         sde, score, x0, n_t, n_eps, max_batch, generator, t_eps, importance, antithetic, control_variate,

@@ -1,26 +1,30 @@
 r"""Exact log-likelihoods through the probability-flow ODE (instantaneous change of variables).
 
-The probability-flow ODE :math:`dx/dt = v(x, t)` of a forward process transports the marginals
-:math:`p_t`; along one of its trajectories the density obeys (continuity equation)
+The probability-flow ODE $dx/dt = v(x, t)$ of a forward process transports the marginals
+$p_t$; along one of its trajectories the density obeys (continuity equation)
 
-.. math:: \frac{d}{dt}\log p_t(x_t) = -\nabla\cdot v(x_t, t),
+$$
+    \frac{d}{dt}\log p_t(x_t) = -\nabla\cdot v(x_t, t),
+$$
 
-so integrating the augmented state :math:`(x_t, \Delta_t)`, :math:`d\Delta/dt = \nabla\cdot v`,
-:math:`\Delta_{t_\varepsilon} = 0`, from :math:`t_\varepsilon` (data side) up to :math:`T` gives
+so integrating the augmented state $(x_t, \Delta_t)$, $d\Delta/dt = \nabla\cdot v$,
+$\Delta_{t_\varepsilon} = 0$, from $t_\varepsilon$ (data side) up to $T$ gives
 
-.. math:: \log p_{t_\varepsilon}(x) = \log p_T(z) + \Delta_T,\qquad z = x_T .
+$$
+    \log p_{t_\varepsilon}(x) = \log p_T(z) + \Delta_T,\qquad z = x_T .
+$$
 
-:func:`log_likelihood` does exactly this through :func:`sdekit.solvers.integrate_ode` (which runs
-the native integrator or torchdiffeq, see ``backend``), with an exact or Hutchinson divergence (:mod:`.divergence`), an
+`log_likelihood` does exactly this through `sdekit.solvers.integrate_ode` (which runs
+the native integrator or torchdiffeq, see ``backend``), with an exact or Hutchinson divergence (`.divergence`), an
 optional adjoint backward pass, and the prior of the process (or a better-matched Gaussian, see
-:class:`GaussianDataPrior`). The derivation, the estimator's variance and worked numbers are in
+`GaussianDataPrior`). The derivation, the estimator's variance and worked numbers are in
 ``docs/likelihood.md``.
 
 **Precision.** The whole solver state is float64 even for float32 data: torchdiffeq flattens a
 tuple state into one tensor (one dtype), and ``odeint_counted`` refuses mixed dtypes, so a
-float64 :math:`\Delta` next to a float32 :math:`x` is not possible. The score (and the divergence)
+float64 $\Delta$ next to a float32 $x$ is not possible. The score (and the divergence)
 are evaluated in the data's dtype — the network's precision — and cast to float64 for the
-integrator, so :math:`\Delta` accumulates in float64 and the step-size control sees float64 states.
+integrator, so $\Delta$ accumulates in float64 and the step-size control sees float64 states.
 """
 
 from __future__ import annotations
@@ -60,16 +64,16 @@ BACKENDS = ODE_BACKENDS
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class LikelihoodResult:
-    r"""What :func:`log_likelihood` computed (all log densities in nats, float64, shape ``(B,)``).
+    r"""What `log_likelihood` computed (all log densities in nats, float64, shape ``(B,)``).
 
     Attributes
     ----------
     log_prob:
-        :math:`\log p_{t_\varepsilon}(x)` per sample: ``prior_log_prob + delta_log_prob``.
+        $\log p_{t_\varepsilon}(x)$ per sample: ``prior_log_prob + delta_log_prob``.
     prior_log_prob:
-        :math:`\log p_T(z)` under the prior used.
+        $\log p_T(z)$ under the prior used.
     delta_log_prob:
-        :math:`\Delta_T = \int_{t_\varepsilon}^T \nabla\cdot v\,dt` (mean over probes for Hutchinson).
+        $\Delta_T = \int_{t_\varepsilon}^T \nabla\cdot v\,dt$ (mean over probes for Hutchinson).
     z:
         The ODE state at ``T``, shaped and typed like ``x``.
     stderr:
@@ -79,7 +83,7 @@ class LikelihoodResult:
         estimator's spread cannot be estimated from one draw, and ``inf`` says "no information"
         where ``0`` would claim exactness and NaN would poison sums.
     stats:
-        :class:`~sdekit.solvers.stats.SolverStats` of the forward solve: ``nfe`` = score
+        `SolverStats` of the forward solve: ``nfe`` = score
         evaluations made by the solver (each is one forward pass of the score followed by one
         batched vector–Jacobian product, ≈ 2–3× the cost of a forward pass alone),
         ``steps``/``accepted``/``rejected``, ``wall_time``; ``extra`` holds ``divergence``,
@@ -94,11 +98,11 @@ class LikelihoodResult:
     probe:
         ``"rademacher"`` / ``"gaussian"`` (None for exact).
     delta_per_probe:
-        ``(B, n_probes)`` per-probe :math:`\Delta_T` (``(B, 1)`` for exact).
+        ``(B, n_probes)`` per-probe $\Delta_T$ (``(B, 1)`` for exact).
     dim:
         Data dimension ``d`` (elements per sample).
     t_eps:
-        The start time :math:`t_\varepsilon`.
+        The start time $t_\varepsilon$.
     """
 
     log_prob: torch.Tensor
@@ -144,21 +148,21 @@ class LikelihoodResult:
 # priors
 # ------------------------------------------------------------------------------------------------
 class GaussianDataPrior:
-    r"""The exact time-``T`` marginal of Gaussian data :math:`N(\mu, \mathrm{diag}(v))` under a linear SDE.
+    r"""The exact time-``T`` marginal of Gaussian data $N(\mu, \mathrm{diag}(v))$ under a linear SDE.
 
-    :math:`x_T = m(T)x_0 + \sigma(T)\varepsilon` gives :math:`p_T = N(m\mu,\ m^2 v + \sigma^2)`
-    elementwise. Used as the prior in :func:`log_likelihood` it replaces the process's
-    :math:`N(0, \sigma(T)^2 I)`, which ignores the data: harmless for VP (:math:`m(T) \approx 0`),
-    but a VE process with :math:`\sigma_{max}` not large against the data scale leaves
-    :math:`p_T` far from :math:`N(0, \sigma_{max}^2)` and biases every log-likelihood by
-    :math:`\log p_T(z) - \log N(z; 0, \sigma_{max}^2)`. With the data's mean and variance the
-    mismatch shrinks to the non-Gaussianity of :math:`p_T` (zero for Gaussian data).
+    $x_T = m(T)x_0 + \sigma(T)\varepsilon$ gives $p_T = N(m\mu,\ m^2 v + \sigma^2)$
+    elementwise. Used as the prior in `log_likelihood` it replaces the process's
+    $N(0, \sigma(T)^2 I)$, which ignores the data: harmless for VP ($m(T) \approx 0$),
+    but a VE process with $\sigma_{max}$ not large against the data scale leaves
+    $p_T$ far from $N(0, \sigma_{max}^2)$ and biases every log-likelihood by
+    $\log p_T(z) - \log N(z; 0, \sigma_{max}^2)$. With the data's mean and variance the
+    mismatch shrinks to the non-Gaussianity of $p_T$ (zero for Gaussian data).
 
     Parameters
     ----------
     mean, var:
         Numbers or tensors broadcastable to one sample's shape (e.g. per-dimension moments from
-        :meth:`from_data`); ``var`` positive. Tensors that require grad stay differentiable.
+        `from_data`); ``var`` positive. Tensors that require grad stay differentiable.
     """
 
     def __init__(self, mean: Union[float, torch.Tensor] = 0.0, var: Union[float, torch.Tensor] = 1.0):
@@ -183,7 +187,7 @@ class GaussianDataPrior:
         return cls(float(data.mean()), max(float(data.var()), 1e-12))
 
     def bind(self, sde: LinearSDE) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``log_prob(z)`` of the marginal at ``sde.T`` (needs a :class:`~sdekit.LinearSDE`)."""
+        """``log_prob(z)`` of the marginal at ``sde.T`` (needs a `LinearSDE`)."""
         if not isinstance(sde, LinearSDE):
             raise TypeError(f"GaussianDataPrior pushes Gaussian data through a linear SDE's kernel; "
                             f"got {type(sde).__name__}")
@@ -250,10 +254,10 @@ class _AugmentedField(torch.nn.Module):
     gradient is wanted (``needs_graph``) — during a differentiable solve or the adjoint backward
     pass; otherwise they are detached and the VJP builds no second-order graph.
 
-    For a linear SDE the velocity is affine in the score, :math:`v = a(t)x + c(t)s(x,t)`
-    (:meth:`~sdekit.dynamics.ProbabilityFlowODE.affine_coefficients`), so
-    :math:`\nabla\cdot v = a\,d + c\,\nabla\cdot s`: the VJPs run through the score alone and the
-    linear part is exact (for Rademacher probes :math:`\varepsilon^\top aI\varepsilon = a\,d`
+    For a linear SDE the velocity is affine in the score, $v = a(t)x + c(t)s(x,t)$
+    (`affine_coefficients`), so
+    $\nabla\cdot v = a\,d + c\,\nabla\cdot s$: the VJPs run through the score alone and the
+    linear part is exact (for Rademacher probes $\varepsilon^\top aI\varepsilon = a\,d$
     identically, so the estimator is unchanged; for Gaussian probes its variance drops). The
     linear part is also combined in float64."""
 
@@ -361,17 +365,17 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
                    norm: str = "batch", prior: Any = None, exact_dim_limit: int = 16,
                    max_steps: Optional[int] = None, params: Optional[Sequence[torch.Tensor]] = None,
                    options: Optional[Dict[str, Any]] = None, backend: str = "auto") -> LikelihoodResult:
-    r"""Log-likelihood :math:`\log p_{t_\varepsilon}(x)` (nats per sample) by the probability-flow ODE.
+    r"""Log-likelihood $\log p_{t_\varepsilon}(x)$ (nats per sample) by the probability-flow ODE.
 
-    Integrates :math:`dx/dt = v`, :math:`d\Delta/dt = \nabla\cdot v` from :math:`t_\varepsilon` to
-    :math:`T`, where :math:`v = f - \frac12 GG^\top s` is the PF velocity of ``sde`` with the
-    score ``s`` (:meth:`SDE.probability_flow`; :math:`v = f(t)x - \frac12 g(t)^2 s` for a linear
-    SDE), and returns :math:`\log p_T(z) + \Delta_T`.
+    Integrates $dx/dt = v$, $d\Delta/dt = \nabla\cdot v$ from $t_\varepsilon$ to
+    $T$, where $v = f - \frac12 GG^\top s$ is the PF velocity of ``sde`` with the
+    score ``s`` (`SDE.probability_flow`; $v = f(t)x - \frac12 g(t)^2 s$ for a linear
+    SDE), and returns $\log p_T(z) + \Delta_T$.
 
     Parameters
     ----------
     sde:
-        Any :class:`~sdekit.SDE`. Linear SDEs bring their prior :math:`N(0, \sigma(T)^2 I)`; a
+        Any `SDE`. Linear SDEs bring their prior $N(0, \sigma(T)^2 I)$; a
         general SDE needs ``prior`` (or ``SDE(..., prior=...)``); with state-dependent noise it
         also needs a differentiable ``diffusion_divergence``.
     score:
@@ -381,8 +385,8 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
     x:
         Data ``(B, ...)``, float32 or float64, finite.
     t_eps:
-        Start time in ``(0, T)``; the result is the density of :math:`p_{t_\varepsilon}` (the data
-        convolved with the kernel at :math:`t_\varepsilon`).
+        Start time in ``(0, T)``; the result is the density of $p_{t_\varepsilon}$ (the data
+        convolved with the kernel at $t_\varepsilon$).
     method, rtol, atol:
         An adaptive torchdiffeq method (``dopri5``, ``dopri8``, ``bosh3``, ``adaptive_heun``,
         ``fehlberg2``) and its tolerances; the state is ``(x, Δ)`` in float64.
@@ -402,14 +406,14 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
         ``"batch"`` (RMS over the batch, per component of the state) or ``"per-sample"`` (the
         worst sample meets the tolerance: results do not depend on what else is in the batch).
     prior:
-        ``None`` (the process's own prior), a :class:`GaussianDataPrior` /
+        ``None`` (the process's own prior), a `GaussianDataPrior` /
         ``("gaussian", mean, var)`` (Gaussian data pushed to T exactly), or any object with
         ``log_prob(z) -> (B,)`` or callable ``z -> (B,)`` (``z`` arrives in float64).
     exact_dim_limit:
         Largest ``d`` for which ``"auto"`` picks the exact divergence and ``"exact"`` is allowed
         (raise it deliberately to run exact at larger ``d``; the cost grows like ``d``).
     max_steps:
-        Raise :class:`~sdekit.SolverError` after this many attempted steps.
+        Raise `SolverError` after this many attempted steps.
     params:
         Tensors whose gradients are wanted (default: every leaf requiring grad found in the
         autograd graph of one score evaluation — an ``nn.Module``'s parameters or tensors a
@@ -419,12 +423,12 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
         Extra solver options (``first_step``, ``max_step``, ``safety``, ``ifactor``, ``dfactor``;
         the torchdiffeq backend accepts its other options too).
     backend:
-        Which integrator runs the solve (chosen by :func:`sdekit.solvers.integrate_ode`).
-        ``"native"``: :func:`sdekit.solvers.adaptive.integrate_adaptive`
+        Which integrator runs the solve (chosen by `sdekit.solvers.integrate_ode`).
+        ``"native"``: `sdekit.solvers.adaptive.integrate_adaptive`
         — the same Dormand–Prince / Bogacki–Shampine steps, controller and NFE as torchdiffeq, with
         less per-step bookkeeping (faster for cheap scores and small states); available for
         ``dopri5`` and ``bosh3`` when no gradient is needed. ``"torchdiffeq"``:
-        :func:`~sdekit.solvers.backend_torchdiffeq.odeint_counted` (any adaptive method,
+        `odeint_counted` (any adaptive method,
         backpropagation through the solver, ``adjoint=True``). ``"auto"`` (default): native where
         it applies on the CPU, else torchdiffeq (on CUDA the native path works but has not been
         timed yet, so it is opt-in there). ``stats.backend`` says which ran.
@@ -509,7 +513,7 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
 
 @dataclass(frozen=True)
 class _Request:
-    """The validated arguments of one :func:`log_likelihood` call."""
+    """The validated arguments of one `log_likelihood` call."""
 
     x: torch.Tensor
     t_eps: float
@@ -526,7 +530,7 @@ class _Request:
 
 def _request(sde, score, x, t_eps, method, rtol, atol, divergence, probe, n_probes, generator, adjoint, norm, prior,
              exact_dim_limit, max_steps, params, backend) -> _Request:
-    """Validate :func:`log_likelihood`'s arguments (before the solve; one preflight score call)."""
+    """Validate `log_likelihood`'s arguments (before the solve; one preflight score call)."""
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be a sdekit.SDE, got {type(sde).__name__}")
     if not callable(score):

@@ -1,44 +1,44 @@
 r"""Data transforms, dequantization and bits per dimension — every term from a declared Jacobian.
 
-A likelihood computed by :func:`sdekit.likelihood.log_likelihood` (or bounded by
-:func:`sdekit.likelihood.elbo`) is a density of the *model-space* variable :math:`x`, in nats.
+A likelihood computed by `sdekit.likelihood.log_likelihood` (or bounded by
+`sdekit.likelihood.elbo`) is a density of the *model-space* variable $x$, in nats.
 Benchmarks report bits per dimension of the *native* data — for images, integers
-:math:`k \in \{0, \dots, 255\}`. Three things connect the two:
+$k \in \{0, \dots, 255\}$. Three things connect the two:
 
 1. **Dequantization** (discrete data only). Integers have a probability mass function, not a
-   density. Uniform dequantization adds :math:`u \sim U[0, 1)^d` (times the bin width
-   :math:`\Delta`): :math:`y = k + \Delta u`, so that the bins :math:`[k, k + \Delta)` tile the
-   continuous space. For any density :math:`p_y`,
+   density. Uniform dequantization adds $u \sim U[0, 1)^d$ (times the bin width
+   $\Delta$): $y = k + \Delta u$, so that the bins $[k, k + \Delta)$ tile the
+   continuous space. For any density $p_y$,
 
-   .. math::
-
+   $$
        \log P(k) = \log\int_{[0,1)^d} p_y(k + \Delta u)\,\Delta^d\,du
        \;\ge\; \mathbb E_u\big[\log p_y(k + \Delta u)\big] + d\log\Delta
+   $$
 
-   (Jensen), where :math:`P(k) = \int_{\text{bin}(k)} p_y` is the discrete model that the
-   continuous density induces. The gap is :math:`\mathrm{KL}(U(\text{bin}) \,\|\, p_y(\cdot|\text{bin}))`,
+   (Jensen), where $P(k) = \int_{\text{bin}(k)} p_y$ is the discrete model that the
+   continuous density induces. The gap is $\mathrm{KL}(U(\text{bin}) \,\|\, p_y(\cdot|\text{bin}))$,
    which vanishes as the density becomes flat on the scale of one bin.
-2. **The data transform** :math:`x = a\,y + b` (elementwise; :class:`DataTransform`) with
-   :math:`\log|\det \partial x/\partial y| = \sum_i \log|a_i|`, so
-   :math:`\log p_y(y) = \log p_x(x) + \sum_i \log|a_i|`.
-3. **Units**: bits per dimension divide by :math:`d\ln 2`.
+2. **The data transform** $x = a\,y + b$ (elementwise; `DataTransform`) with
+   $\log|\det \partial x/\partial y| = \sum_i \log|a_i|$, so
+   $\log p_y(y) = \log p_x(x) + \sum_i \log|a_i|$.
+3. **Units**: bits per dimension divide by $d\ln 2$.
 
-Together (:func:`bits_per_dim`):
+Together (`bits_per_dim`):
 
-.. math::
-
+$$
     \mathrm{bpd} = -\frac{\log p_x(x) + \sum_i \log|a_i| + d\log\Delta}{d\,\ln 2},
     \qquad x = a(k + \Delta u) + b,
+$$
 
-an upper bound (in expectation over :math:`u`) on the discrete code length
-:math:`-\log_2 P(k)/d`. There is no magic constant: score_sde's ``bpd = -log_p/(d ln 2) + 7``
-(centered data) or ``+ 8`` is this formula for :math:`a = 2/256`, :math:`\Delta = 1`
-(:math:`-\log_2(2/256) = 7`) or :math:`a = 1/256` (:math:`-\log_2(1/256) = 8`); see
+an upper bound (in expectation over $u$) on the discrete code length
+$-\log_2 P(k)/d$. There is no magic constant: score_sde's ``bpd = -log_p/(d ln 2) + 7``
+(centered data) or ``+ 8`` is this formula for $a = 2/256$, $\Delta = 1$
+($-\log_2(2/256) = 7$) or $a = 1/256$ ($-\log_2(1/256) = 8$); see
 ``docs/likelihood_data.md``.
 
 Continuous data (``discrete_levels=None``) need no dequantization; their "bits per dimension"
 is a differential quantity and may be negative. Declaring data discrete and then calling
-:func:`bits_per_dim` without a dequantization raises: a density evaluated at lattice points is
+`bits_per_dim` without a dequantization raises: a density evaluated at lattice points is
 not a probability and can give negative "bits" (a common bug).
 """
 
@@ -93,19 +93,19 @@ def _first_bad(mask: torch.Tensor, values: torch.Tensor) -> Tuple[tuple, float]:
 
 
 class DataTransform:
-    r"""An invertible elementwise affine map :math:`x = a\,y + b` from native data to model space.
+    r"""An invertible elementwise affine map $x = a\,y + b$ from native data to model space.
 
     Parameters
     ----------
     scale, shift:
-        :math:`a` (nonzero) and :math:`b`: Python numbers, or tensors that broadcast against one
+        $a$ (nonzero) and $b$: Python numbers, or tensors that broadcast against one
         sample's shape (e.g. per-channel ``(C, 1, 1)``).
     low, high:
         The declared range of the native data. For discrete data the values are the lattice
-        :math:`\{low + j\Delta : j = 0, \dots, L-1\}` with :math:`\Delta = (high-low)/(L-1)`, so
+        $\{low + j\Delta : j = 0, \dots, L-1\}$ with $\Delta = (high-low)/(L-1)$, so
         ``high`` is the largest *value* (255 for 8-bit data); after uniform dequantization the
-        data lie in :math:`[low, high + \Delta)`. For continuous data the range is
-        :math:`[low, high]` (``±inf`` allowed).
+        data lie in $[low, high + \Delta)$. For continuous data the range is
+        $[low, high]$ (``±inf`` allowed).
     discrete_levels:
         ``L`` (an integer ≥ 2) for discrete data, ``None`` for continuous data.
 
@@ -137,17 +137,17 @@ class DataTransform:
     # -- constructors ------------------------------------------------------------------------------
     @classmethod
     def uint8_to_symmetric(cls) -> "DataTransform":
-        r"""8-bit integers to :math:`[-1, 1)`: :math:`x = 2y/256 - 1`, :math:`y = k + u \in [0, 256)`.
+        r"""8-bit integers to $[-1, 1)$: $x = 2y/256 - 1$, $y = k + u \in [0, 256)$.
 
         score_sde's convention for centered data (``(255 k/255 + u)/256 * 2 - 1``).
-        :math:`\log|dx/dy| = \log(2/256) = -7\ln 2` per dimension.
+        $\log|dx/dy| = \log(2/256) = -7\ln 2$ per dimension.
         """
         return cls(2.0 / 256.0, -1.0, 0, 255, discrete_levels=256)
 
     @classmethod
     def uint8_to_unit(cls) -> "DataTransform":
-        r"""8-bit integers to :math:`[0, 1)`: :math:`x = y/256` (score_sde, ``centered=False``);
-        :math:`\log|dx/dy| = -8\ln 2` per dimension."""
+        r"""8-bit integers to $[0, 1)$: $x = y/256$ (score_sde, ``centered=False``);
+        $\log|dx/dy| = -8\ln 2$ per dimension."""
         return cls(1.0 / 256.0, 0.0, 0, 255, discrete_levels=256)
 
     @classmethod
@@ -162,21 +162,21 @@ class DataTransform:
 
     @property
     def bin_width(self) -> Optional[float]:
-        r""":math:`\Delta = (high - low)/(L - 1)` for discrete data (1 for 8-bit integers), else ``None``."""
+        r"""$\Delta = (high - low)/(L - 1)$ for discrete data (1 for 8-bit integers), else ``None``."""
         if self.discrete_levels is None:
             return None
         return (self.high - self.low) / (self.discrete_levels - 1)
 
     @property
     def log_abs_det_jacobian_per_dim(self) -> float:
-        r""":math:`\log|a|` per coordinate (the mean of :math:`\log|a_i|` for a tensor ``scale``,
+        r"""$\log|a|$ per coordinate (the mean of $\log|a_i|$ for a tensor ``scale``,
         exact per dimension when ``scale`` broadcasts evenly over the sample)."""
         if isinstance(self.scale, torch.Tensor):
             return float(torch.log(self.scale.abs()).mean())
         return math.log(abs(self.scale))
 
     def event_log_abs_det_jacobian(self, event_shape: Union[int, Sequence[int]]) -> float:
-        r""":math:`\sum_i \log|a_i|` over one sample of shape ``event_shape`` (an int ``d`` means ``(d,)``)."""
+        r"""$\sum_i \log|a_i|$ over one sample of shape ``event_shape`` (an int ``d`` means ``(d,)``)."""
         shape = _event_shape(event_shape, "event_shape")
         d = math.prod(shape)
         if not isinstance(self.scale, torch.Tensor):
@@ -189,7 +189,7 @@ class DataTransform:
         return float(torch.log(full.abs()).sum())
 
     def log_abs_det_jacobian(self, y: torch.Tensor) -> torch.Tensor:
-        r""":math:`\log|\det\partial x/\partial y|` per sample, shape ``(B,)`` (float64; constant in y)."""
+        r"""$\log|\det\partial x/\partial y|$ per sample, shape ``(B,)`` (float64; constant in y)."""
         y = _as_data(y, "y")
         val = self.event_log_abs_det_jacobian(tuple(y.shape[1:]))
         return torch.full((y.shape[0],), val, dtype=F64, device=y.device)
@@ -254,7 +254,7 @@ class DataTransform:
         return c
 
     def forward(self, y: Any, name: str = "y") -> torch.Tensor:
-        """``x = scale * y + shift`` after :meth:`validate` (float64)."""
+        """``x = scale * y + shift`` after `validate` (float64)."""
         y = self.validate(y, name)
         return self._coef_for(self.scale, y) * y + self._coef_for(self.shift, y)
 
@@ -269,17 +269,17 @@ class DataTransform:
     __call__ = forward
 
     def dequantization(self) -> "UniformDequantization":
-        """The :class:`UniformDequantization` matching this transform's lattice (discrete data only)."""
+        """The `UniformDequantization` matching this transform's lattice (discrete data only)."""
         if not self.is_discrete:
             raise ValueError("continuous data (discrete_levels=None) are not dequantized")
         return UniformDequantization(self.discrete_levels, bin_width=self.bin_width, low=self.low)
 
     def to_model(self, data: Any, dequantization: Optional["UniformDequantization"] = None,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Native data to model space: validate, dequantize (discrete data), then :meth:`forward`.
+        """Native data to model space: validate, dequantize (discrete data), then `forward`.
 
         ``dequantization`` is required for discrete transforms and must be ``None`` for continuous
-        ones (same rules as :func:`bits_per_dim`).
+        ones (same rules as `bits_per_dim`).
         """
         _check_pairing(self, dequantization)
         if dequantization is None:
@@ -294,7 +294,7 @@ class DataTransform:
 
 
 class UniformDequantization:
-    r"""Uniform dequantization :math:`y = k + \Delta u`, :math:`u \sim U[0, 1)` i.i.d. per coordinate.
+    r"""Uniform dequantization $y = k + \Delta u$, $u \sim U[0, 1)$ i.i.d. per coordinate.
 
     Calling it on a tensor of lattice values (any real dtype, e.g. ``torch.uint8``) returns the
     float64 dequantized tensor; values off the lattice, out of range, NaN or inf raise
@@ -305,7 +305,7 @@ class UniformDequantization:
     levels:
         Number of discrete values ``L`` (256 for 8-bit data).
     bin_width:
-        :math:`\Delta` (1 for integers).
+        $\Delta$ (1 for integers).
     low:
         Smallest discrete value; the lattice is ``low + j * bin_width``, ``j = 0..L-1``.
     """
@@ -321,7 +321,7 @@ class UniformDequantization:
 
     @property
     def log_bin_width(self) -> float:
-        r""":math:`\log\Delta` — the per-dimension term of the bound :math:`\log P(k) \ge E_u\log p_y + d\log\Delta`."""
+        r"""$\log\Delta$ — the per-dimension term of the bound $\log P(k) \ge E_u\log p_y + d\log\Delta$."""
         return math.log(self.bin_width)
 
     def __call__(self, k: Any, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -380,29 +380,29 @@ def bits_per_dim(log_prob: Any, transform: DataTransform, dim: Union[int, Sequen
                  dequantization: Optional[UniformDequantization] = None) -> torch.Tensor:
     r"""Bits per dimension of native data from a model-space log density (nats per sample).
 
-    .. math::
-
+    $$
         \mathrm{bpd} = -\frac{\log p_x(x) + \sum_i\log|\partial x_i/\partial y_i| + d\log\Delta}{d\ln 2}
+    $$
 
-    where :math:`x` = ``transform(dequantize(k))`` is where ``log_prob`` was evaluated. For
+    where $x$ = ``transform(dequantize(k))`` is where ``log_prob`` was evaluated. For
     discrete data (with uniform dequantization) its expectation over the dequantization noise is
-    an upper bound on :math:`-\log_2 P(k)/d`, the code length of the discrete model that the
-    density induces on bins :math:`[k, k+\Delta)`; for continuous data (``dequantization=None``)
-    it is :math:`-\log_2 p_y(y)/d` and may be negative.
+    an upper bound on $-\log_2 P(k)/d$, the code length of the discrete model that the
+    density induces on bins $[k, k+\Delta)$; for continuous data (``dequantization=None``)
+    it is $-\log_2 p_y(y)/d$ and may be negative.
 
     Parameters
     ----------
     log_prob:
         ``(B,)`` tensor (or a number, or an object with a ``.log_prob`` attribute such as a
-        :class:`~sdekit.likelihood.LikelihoodResult` or an ``ElboResult``): model-space log
+        `LikelihoodResult` or an ``ElboResult``): model-space log
         density in nats, per sample.
     transform:
-        The :class:`DataTransform` that produced ``x``.
+        The `DataTransform` that produced ``x``.
     dim:
         Dimensions per sample ``d`` (an int), or the sample shape (needed when ``scale`` is a
         per-channel tensor).
     dequantization:
-        A :class:`UniformDequantization` matching the transform's lattice (required for discrete
+        A `UniformDequantization` matching the transform's lattice (required for discrete
         data; see the module notes), or ``None`` for continuous data.
 
     Returns

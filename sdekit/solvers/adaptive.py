@@ -1,15 +1,15 @@
 r"""Native embedded Runge–Kutta integration with adaptive steps (Dormand–Prince 5(4), Bogacki–Shampine 3(2)).
 
-:func:`integrate_adaptive` solves :math:`dy/dt = F(t, y)` for a batch-first state ``y`` of shape
+`integrate_adaptive` solves $dy/dt = F(t, y)$ for a batch-first state ``y`` of shape
 ``(B, D)`` from ``t_start`` to ``t_end`` (either direction) and returns only the end state. It is
-the same algorithm as torchdiffeq's ``dopri5`` / ``bosh3`` as :func:`~sdekit.solvers.backend_torchdiffeq.odeint_counted`
+the same algorithm as torchdiffeq's ``dopri5`` / ``bosh3`` as `odeint_counted`
 drives them — same tableaus, same error ratio, same step-size controller, same initial-step
 heuristic (with the probe kept inside the interval), the last step shortened to land exactly on
 ``t_end`` — so it takes the same steps and makes the same number of evaluations (tested). What
 differs is the bookkeeping, which dominates when ``F`` is cheap or the state is small:
 
 * the stage derivatives live in one preallocated ``(stages, B·D)`` buffer and every stage state
-  :math:`y_0 + h\sum_j a_{ij}k_j` (and the error estimate :math:`h\sum_j e_j k_j`) is ONE
+  $y_0 + h\sum_j a_{ij}k_j$ (and the error estimate $h\sum_j e_j k_j$) is ONE
   matrix–vector product (``torch.addmv``), where torchdiffeq multiplies a ``(…, stages)`` tensor
   by the coefficients and reduces over its last axis;
 * time and step size are Python floats (one host read per step — the accept/reject decision —
@@ -19,21 +19,21 @@ differs is the bookkeeping, which dominates when ``F`` is cheap or the state is 
   (use ``odeint_counted`` to backpropagate through the solver or for the adjoint).
 
 Error control (Hairer–Nørsett–Wanner II.4, torchdiffeq's defaults): with
-:math:`\mathrm{sc} = \mathrm{atol} + \mathrm{rtol}\max(|y_0|, |y_1|)` and the embedded error
-:math:`\hat e = h\sum_j e_j k_j`, the ratio :math:`r = \|\hat e/\mathrm{sc}\|` is the RMS over
+$\mathrm{sc} = \mathrm{atol} + \mathrm{rtol}\max(|y_0|, |y_1|)$ and the embedded error
+$\hat e = h\sum_j e_j k_j$, the ratio $r = \|\hat e/\mathrm{sc}\|$ is the RMS over
 each *component* (the column blocks given by ``segments``; the max over components — torchdiffeq's
 mixed norm of a tuple state), over the whole batch (``norm="batch"``) or per sample and then the
-max over samples (``norm="per-sample"``). The step is accepted iff :math:`r \le 1`, and the next
-step is :math:`h \cdot \min(\text{ifactor}, \max(\text{safety}\,r^{-1/p}, \text{dfactor}))` with
-the ``dfactor`` floor replaced by 1 when :math:`r < 1` (so an accepted step never shrinks the
+max over samples (``norm="per-sample"``). The step is accepted iff $r \le 1$, and the next
+step is $h \cdot \min(\text{ifactor}, \max(\text{safety}\,r^{-1/p}, \text{dfactor}))$ with
+the ``dfactor`` floor replaced by 1 when $r < 1$ (so an accepted step never shrinks the
 next one), ``p`` the method's order.
 
-NFE is :math:`2 + s\,(\text{accepted} + \text{rejected})` with ``s`` = 6 (dopri5) or 3 (bosh3):
+NFE is $2 + s\,(\text{accepted} + \text{rejected})$ with ``s`` = 6 (dopri5) or 3 (bosh3):
 one evaluation at the start, one initial-step probe, then ``s`` per attempted step (the first
 stage of a step reuses the last stage of the previous accepted step — both tableaus are FSAL).
 
 ``solve(pf_ode, x, method="dopri5" | "bosh3", rtol=..., atol=...)`` runs the probability-flow ODE
-with this integrator (:func:`run_native_adaptive`); ``torchdiffeq:dopri5`` is the same steps through
+with this integrator (`run_native_adaptive`); ``torchdiffeq:dopri5`` is the same steps through
 torchdiffeq. They differ only with ``save_at``: here a step is shortened to end on each save
 point, torchdiffeq interpolates its dense output there.
 """
@@ -132,7 +132,7 @@ def initial_step(mon, y0: State, t0: float, t1: float, order: int, rtol, atol, n
     of tensors (``rtol``/``atol`` then scalars or tuples); ``norm`` the error norm. Returns the
     first step (a positive float) and ``f0 = f(t0, y0)`` (computed with grad mode ``grad``, so a
     caller can reuse it as its first evaluation). Two counted evaluations. Used by
-    :func:`integrate_adaptive` and by the torchdiffeq backend.
+    `integrate_adaptive` and by the torchdiffeq backend.
     """
     direction = 1.0 if t1 > t0 else -1.0
     length = abs(t1 - t0)
@@ -221,9 +221,9 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     max_step, safety, ifactor, dfactor:
         Step-size controller settings (torchdiffeq's defaults).
     max_steps:
-        Raise :class:`SolverError` after this many attempted steps.
+        Raise `SolverError` after this many attempted steps.
     min_step:
-        Raise :class:`SolverError` when the controller proposes a step below it.
+        Raise `SolverError` when the controller proposes a step below it.
     save_at:
         Times strictly between ``t_start`` and ``t_end`` at which to record the state. The step
         that would cross one is shortened to end on it (as for ``t_end``; no interpolation), so
@@ -251,7 +251,7 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
 
 @dataclass(frozen=True)
 class _Config:
-    """The validated settings of one :func:`integrate_adaptive` call."""
+    """The validated settings of one `integrate_adaptive` call."""
 
     tab: _Tableau
     method: str
@@ -273,7 +273,7 @@ class _Config:
 
 def _config(method, y0, rtol, atol, norm, t_start, t_end, segments, first_step, max_step, safety, ifactor, dfactor,
             max_steps, min_step, save_at) -> _Config:
-    """Validate :func:`integrate_adaptive`'s arguments (before any evaluation)."""
+    """Validate `integrate_adaptive`'s arguments (before any evaluation)."""
     if method not in _TABLEAUS:
         raise ValueError(f"method must be one of {sorted(_TABLEAUS)}, got {method!r}")
     if not isinstance(y0, torch.Tensor) or y0.dim() != 2 or not y0.is_floating_point():
@@ -307,7 +307,7 @@ def _config(method, y0, rtol, atol, norm, t_start, t_end, segments, first_step, 
 
 
 def _integrate(func: Callable, y0: torch.Tensor, cfg: _Config) -> Tuple[torch.Tensor, Dict[str, Any]]:
-    """The stepping loop of :func:`integrate_adaptive` (arguments validated; runs under no_grad)."""
+    """The stepping loop of `integrate_adaptive` (arguments validated; runs under no_grad)."""
     tab, method, t0, t_end = cfg.tab, cfg.method, cfg.t0, cfg.t_end
     B, D = y0.shape
     dev, dt_ = y0.device, y0.dtype
@@ -394,7 +394,7 @@ def _integrate(func: Callable, y0: torch.Tensor, cfg: _Config) -> Tuple[torch.Te
 
 def _controller_options(first_step_doc: str) -> Tuple[Option, ...]:
     """The step-size controller options shared by the native and torchdiffeq adaptive methods
-    (defaults: :func:`integrate_adaptive`'s, which are torchdiffeq's)."""
+    (defaults: `integrate_adaptive`'s, which are torchdiffeq's)."""
     sig = inspect.signature(integrate_adaptive).parameters
     return (Option("first_step", float, None, positive("first_step"), first_step_doc),
             Option("max_step", float, sig["max_step"].default, positive_or_inf("max_step"), "largest step"),
@@ -407,7 +407,7 @@ CONTROLLER_OPTIONS = _controller_options("first step (default: the initial-step 
 
 
 def run_native_adaptive(plan, x: torch.Tensor) -> Solution:
-    """``run`` of the native ``dopri5`` / ``bosh3`` on a :class:`ProbabilityFlowODE`.
+    """``run`` of the native ``dopri5`` / ``bosh3`` on a `ProbabilityFlowODE`.
 
     NFE counts score calls. The state is integrated in x's dtype, flattened to ``(B, d)``;
     gradients do not flow through the solve. ``plan.options``: the controller options.

@@ -1,6 +1,6 @@
 r"""torchdiffeq backend: a counted, range-safe ``odeint`` and the ``torchdiffeq:<method>`` solvers.
 
-:func:`odeint_counted` is the one place in sdekit that calls torchdiffeq (the likelihood module
+`odeint_counted` is the one place in sdekit that calls torchdiffeq (the likelihood module
 builds on it). It adds what plain ``torchdiffeq.odeint`` lacks for diffusion models:
 
 **Every evaluation stays inside the interval.** Plain torchdiffeq evaluates the vector field
@@ -29,7 +29,9 @@ probe ``f(t0 + h0, ·)`` once, then ``s`` new evaluations per *attempted* step, 
 number of stages after the first (``len(tableau.alpha)``): the first stage of the next step reuses
 the last stage of an accepted step ("FSAL"; a rejected step restarts from the saved ``f0``). So
 
-.. math:: \mathrm{NFE} = 2 + s\,(\text{accepted} + \text{rejected}),
+$$
+    \mathrm{NFE} = 2 + s\,(\text{accepted} + \text{rejected}),
+$$
 
 with ``s`` = 6 for dopri5 (7-stage Dormand–Prince, FSAL), 13 for dopri8, 3 for bosh3, 2 for
 fehlberg2 and 1 for adaptive_heun (torchdiffeq reuses the last stage for the latter two as well,
@@ -41,7 +43,7 @@ computed once and handed to torchdiffeq's own first call (which torchdiffeq make
 come from torchdiffeq's ``callback_accept_step`` / ``callback_reject_step`` hooks.
 
 **Limits and norms.** ``max_steps`` (attempted steps) and ``min_step`` (a controller proposal
-below it) raise :class:`~sdekit.solvers.stats.SolverError` with the step, the time and the partial
+below it) raise `SolverError` with the step, the time and the partial
 statistics, as do non-finite states and a collapsing step size (torchdiffeq's own assertions are
 translated). ``norm="per-sample"`` makes the worst sample meet the tolerance (torchdiffeq's RMS
 over the whole batch lets one hard sample's error grow with the batch size).
@@ -385,10 +387,10 @@ def odeint_counted(func: Callable, y0: State, t_start: float, t_end: float, *, m
         forward ``"batch"``, backward pass measured on the state and its adjoint only, not the
         parameter gradients — torchdiffeq's ``adjoint_options=dict(norm="seminorm")``).
     max_steps:
-        Raise :class:`SolverError` when more steps would be attempted (accepted + rejected;
+        Raise `SolverError` when more steps would be attempted (accepted + rejected;
         the adjoint backward pass has its own budget of the same size).
     min_step:
-        Adaptive methods: raise :class:`SolverError` when the controller proposes a smaller step
+        Adaptive methods: raise `SolverError` when the controller proposes a smaller step
         (the final step, shortened to land on ``t_end``, does not count).
     save_at:
         Times in the interval; the states there are returned stacked in the order given
@@ -470,7 +472,7 @@ def odeint_counted(func: Callable, y0: State, t_start: float, t_end: float, *, m
 
 @dataclass(frozen=True)
 class _Request:
-    """The validated arguments of one :func:`odeint_counted` call."""
+    """The validated arguments of one `odeint_counted` call."""
 
     method: str
     adaptive: bool
@@ -496,7 +498,7 @@ class _Request:
 
 def _request(func, y0, t_start, t_end, method, rtol, atol, step_size, grid, norm, max_steps, min_step, save_at,
              adjoint, adjoint_params, options, step_callback) -> _Request:
-    """Validate :func:`odeint_counted`'s arguments (before any evaluation)."""
+    """Validate `odeint_counted`'s arguments (before any evaluation)."""
     if not callable(func):
         raise TypeError(f"func must be callable (t, y), got {type(func).__name__}")
     if not isinstance(method, str) or method not in _TD_SOLVERS or method == "scipy_solver":
@@ -658,11 +660,11 @@ class _LiveCounts(dict):
 # solve() entry points
 # ------------------------------------------------------------------------------------------------
 def run_torchdiffeq(plan, x: torch.Tensor) -> Solution:
-    """``run`` of ``torchdiffeq:<adaptive method>`` on a :class:`ProbabilityFlowODE`.
+    """``run`` of ``torchdiffeq:<adaptive method>`` on a `ProbabilityFlowODE`.
 
     NFE counts score calls. ``plan.options``: the controller options (``first_step``,
     ``max_step``, ``safety``, ``ifactor``, ``dfactor``), ``jump_t``, and ``adjoint`` /
-    ``adjoint_params`` (see :func:`odeint_counted`). Deterministic.
+    ``adjoint_params`` (see `odeint_counted`). Deterministic.
     """
     info = plan.method
     method = info.name.split(":", 1)[1]

@@ -1,10 +1,10 @@
 r"""torchsde backend: ``torchsde:<method>`` for forward SDEs and reverse-time SDEs.
 
-The problem is handed to ``torchsde.sdeint`` through :class:`sdekit.dynamics.TorchsdeAdapter`
+The problem is handed to ``torchsde.sdeint`` through `sdekit.dynamics.TorchsdeAdapter`
 (flattened ``(B, D)`` states for data of any rank, Itô, increasing internal time): internal time
-:math:`s = |t - t_{start}|` runs from 0 to :math:`L = |t_{end} - t_{start}|`, i.e.
-:math:`t = t_{start} + s` for a forward SDE and :math:`t = t_{start} - s` for a
-:class:`~sdekit.ReverseSDE` (the adapter negates the drift; Brownian increments are symmetric).
+$s = |t - t_{start}|$ runs from 0 to $L = |t_{end} - t_{start}|$, i.e.
+$t = t_{start} + s$ for a forward SDE and $t = t_{start} - s$ for a
+`ReverseSDE` (the adapter negates the drift; Brownian increments are symmetric).
 Users never negate time.
 
 **Noise.** Isotropic (``g(t) I``, independent Brownian motions) and diagonal noise are torchsde
@@ -26,7 +26,7 @@ solution.
 **Steps.** Fixed-step (default): ``n = ceil(L / dt)`` equal steps of ``L / n`` (``steps=n`` in
 ``solve``). ``adaptive=True``: torchsde's step-doubling controller (each attempt is one full step
 and two half steps; ``rtol``/``atol`` apply, ``dt`` is the first step). ``max_steps`` and
-``min_step`` raise :class:`~sdekit.solvers.stats.SolverError`.
+``min_step`` raise `SolverError`.
 
 **Counting.** NFE counts score calls (reverse SDE) or drift calls (forward SDE); ``g`` never calls
 the score. torchsde's argument check evaluates the drift once at ``(s = 0, y0)`` to validate
@@ -185,7 +185,7 @@ def check_torchsde(plan) -> None:
 
 
 def run_torchsde(plan, x: torch.Tensor) -> Solution:
-    """``run`` of ``torchsde:<method>``: a forward :class:`~sdekit.SDE` or a :class:`~sdekit.ReverseSDE`.
+    """``run`` of ``torchsde:<method>``: a forward `SDE` or a `ReverseSDE`.
 
     ``plan.dt``: the step (fixed-step: ``ceil(L/dt)`` equal steps) or, with the option
     ``adaptive=True``, the first step. Options: ``adaptive``, ``force`` (allows

@@ -1,9 +1,9 @@
 r"""A Brownian path shared between solves, for strong-error studies.
 
-:class:`BrownianPath` draws :math:`W` on a fine uniform grid once; the increment over any step
+`BrownianPath` draws $W$ on a fine uniform grid once; the increment over any step
 whose ends are fine-grid points is the exact sum of the fine increments, so solves with 8, 16,
 32 ... steps are driven by the *same* path (what a strong-order test needs). Pass it to
-:func:`sdekit.solve` as ``brownian=``.
+`sdekit.solve` as ``brownian=``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class BrownianPath:
     """Standard Brownian motion of shape ``shape`` on ``[min(t0,t1), max(t0,t1)]``, sampled at
     ``n_fine + 1`` equally spaced times.
 
-    ``increment(t, s)`` returns :math:`W(s) - W(t)` for grid-aligned ``t``, ``s`` (either order;
+    ``increment(t, s)`` returns $W(s) - W(t)$ for grid-aligned ``t``, ``s`` (either order;
     for reverse-time solves the sign convention does not matter in law, but a path is only
     "shared" if every solve uses the same ends). Raises ``ValueError`` for unaligned times.
     """
@@ -47,5 +47,5 @@ class BrownianPath:
         return k
 
     def increment(self, t: float, s: float) -> torch.Tensor:
-        """:math:`W(s) - W(t)` (shape ``shape``)."""
+        """$W(s) - W(t)$ (shape ``shape``)."""
         return self.W[self._index(s)] - self.W[self._index(t)]

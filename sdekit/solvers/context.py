@@ -1,6 +1,6 @@
 """The bookkeeping every native method shares, done once so each method body is its update rule.
 
-A :class:`Context` holds the time grid (float64, both directions), the counted score/drift, the
+A `Context` holds the time grid (float64, both directions), the counted score/drift, the
 kernel coefficients at every time the method will visit (computed in one vectorised float64
 call and kept as Python floats, so the hot loop issues no coefficient kernels and no host
 synchronisation), the noise source (one ``torch.Generator`` or one per sample), save points and
@@ -33,9 +33,9 @@ def _unaliased(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Coefs:
-    r"""Kernel coefficients at one time, as Python floats. ``score_coef`` is :math:`c(t)` of the
-    problem's drift :math:`f(t)x + c(t)s(x, t)` (:meth:`~sdekit.dynamics.ProbabilityFlowODE.affine_coefficients`:
-    PF :math:`-g^2/2`, reverse SDE :math:`-(1+\eta^2)g^2/2`; 0 for a forward SDE)."""
+    r"""Kernel coefficients at one time, as Python floats. ``score_coef`` is $c(t)$ of the
+    problem's drift $f(t)x + c(t)s(x, t)$ (`affine_coefficients`:
+    PF $-g^2/2$, reverse SDE $-(1+\eta^2)g^2/2$; 0 for a forward SDE)."""
 
     t: float
     m: float
@@ -197,7 +197,7 @@ class Context:
 
     def dW(self, t: float, s: float) -> torch.Tensor:
         r"""Brownian increment over the step t -> s: from the shared ``brownian`` path if one was
-        given, else :math:`\sqrt{|s - t|}\,z`."""
+        given, else $\sqrt{|s - t|}\,z$."""
         if self._brownian is not None:
             return self._brownian.increment(t, s).to(dtype=self.dtype, device=self.device)
         return math.sqrt(abs(s - t)) * self.randn()

@@ -1,40 +1,42 @@
 r"""Exponential integrators for the probability-flow ODE of any linear SDE: DPM-Solver and DPM-Solver++.
 
-Everything is built from the process's own kernel — :math:`m(t)`, :math:`\sigma(t)` and the
+Everything is built from the process's own kernel — $m(t)$, $\sigma(t)$ and the
 log-SNR from ``ctx.coefs`` and ``kernel.t_from_log_snr`` — so a custom (numeric-kernel)
-:class:`~sdekit.LinearSDE` is solved exactly as VP is.
+`LinearSDE` is solved exactly as VP is.
 
-Notation (Lu et al. 2022a, "DPM-Solver", and 2022b, "DPM-Solver++"): :math:`\alpha_t = m(t)`,
-:math:`\sigma_t = \sigma(t)`, :math:`\lambda_t = \log(\alpha_t/\sigma_t)`. **Careful:** sdekit's
-log-SNR ``ctx.coefs(t).lam`` is :math:`\log(m^2/\sigma^2) = 2\lambda_t`. One step goes from ``t``
-to ``s`` (``s < t`` when sampling), :math:`h = \lambda_s - \lambda_t` (negative when encoding,
-``t_eps → T``). Model outputs are computed from the score :math:`\hat s`:
-noise prediction :math:`\hat\varepsilon = -\sigma_t\hat s`, data prediction
-:math:`\hat x_0 = (x + \sigma_t^2\hat s)/\alpha_t`.
+Notation (Lu et al. 2022a, "DPM-Solver", and 2022b, "DPM-Solver++"): $\alpha_t = m(t)$,
+$\sigma_t = \sigma(t)$, $\lambda_t = \log(\alpha_t/\sigma_t)$. **Careful:** sdekit's
+log-SNR ``ctx.coefs(t).lam`` is $\log(m^2/\sigma^2) = 2\lambda_t$. One step goes from ``t``
+to ``s`` (``s < t`` when sampling), $h = \lambda_s - \lambda_t$ (negative when encoding,
+``t_eps → T``). Model outputs are computed from the score $\hat s$:
+noise prediction $\hat\varepsilon = -\sigma_t\hat s$, data prediction
+$\hat x_0 = (x + \sigma_t^2\hat s)/\alpha_t$.
 
 The PF ODE solved exactly in its linear part reads (DPM-Solver eq. 3.4; its data-prediction form
 in DPM-Solver++ §3)
 
-.. math::
-
+$$
     x_s = \frac{\alpha_s}{\alpha_t}x_t - \alpha_s\int_{\lambda_t}^{\lambda_s} e^{-\lambda}\hat\varepsilon\,d\lambda
-        = \frac{\sigma_s}{\sigma_t}x_t + \sigma_s\int_{\lambda_t}^{\lambda_s} e^{\lambda}\hat x_0\,d\lambda .
+    = \frac{\sigma_s}{\sigma_t}x_t + \sigma_s\int_{\lambda_t}^{\lambda_s} e^{\lambda}\hat x_0\,d\lambda .
+$$
 
-Both are the same update in a *frame* :math:`(A, B, H)`: noise prediction uses
-:math:`(\alpha_s/\alpha_t,\ \sigma_s,\ h)`, data prediction :math:`(\sigma_s/\sigma_t,\ \alpha_s,\ -h)`,
-and a Taylor expansion :math:`M(\lambda) = M + (\lambda-\lambda_t)M' + \dots` of the model output
-:math:`M \in \{\hat\varepsilon, \hat x_0\}` gives
+Both are the same update in a *frame* $(A, B, H)$: noise prediction uses
+$(\alpha_s/\alpha_t,\ \sigma_s,\ h)$, data prediction $(\sigma_s/\sigma_t,\ \alpha_s,\ -h)$,
+and a Taylor expansion $M(\lambda) = M + (\lambda-\lambda_t)M' + \dots$ of the model output
+$M \in \{\hat\varepsilon, \hat x_0\}$ gives
 
-.. math::
-
+$$
     x_s = A\,x_t - B\big[\varphi_1(H)\,M + \varphi_2(H)\,hM' + \varphi_3(H)\,h^2 M'' + \dots\big],
+$$
 
+$$
     \varphi_1(H) = e^H - 1,\quad \varphi_2(H) = \frac{e^H - 1}{H} - 1,\quad
     \varphi_3(H) = \frac{\varphi_2(H)}{H} - \frac12 .
+$$
 
 (These are the ``phi_1, phi_2, phi_3`` of the reference implementation ``dpm_solver_pytorch``;
 its data-prediction branch writes ``expm1(-h)``, ``phi_1/h + 1`` — the same numbers with the sign
-of :math:`H` folded in.) Every method below is this formula with :math:`hM'`, :math:`h^2M''`
+of $H$ folded in.) Every method below is this formula with $hM'$, $h^2M''$
 replaced by differences of model outputs.
 """
 
@@ -66,7 +68,7 @@ LOWER_ORDER_FINAL_BELOW = 15
 
 
 def _lam(c: Coefs) -> float:
-    """DPM-Solver's :math:`\\lambda_t = \\log(\\alpha_t/\\sigma_t)` = half of sdekit's log-SNR."""
+    """DPM-Solver's $\\lambda_t = \\log(\\alpha_t/\\sigma_t)$ = half of sdekit's log-SNR."""
     return 0.5 * c.lam
 
 
@@ -78,8 +80,8 @@ def _check_predict(predict: str) -> bool:
 
 
 def _model(ctx: Context, x: torch.Tensor, t: float, data: bool) -> torch.Tensor:
-    r"""One counted score evaluation, as :math:`\hat x_0 = (x + \sigma_t^2\hat s)/\alpha_t` or
-    :math:`\hat\varepsilon = -\sigma_t\hat s`."""
+    r"""One counted score evaluation, as $\hat x_0 = (x + \sigma_t^2\hat s)/\alpha_t$ or
+    $\hat\varepsilon = -\sigma_t\hat s$."""
     c = ctx.coefs(t)
     s = ctx.score(x, t)
     if data:
@@ -88,8 +90,8 @@ def _model(ctx: Context, x: torch.Tensor, t: float, data: bool) -> torch.Tensor:
 
 
 def _frame(ct: Coefs, cs: Coefs, data: bool) -> Tuple[float, float, float]:
-    r"""``(A, B, H)`` of the step t → s: noise :math:`(\alpha_s/\alpha_t, \sigma_s, h)`,
-    data :math:`(\sigma_s/\sigma_t, \alpha_s, -h)` (see the module docs)."""
+    r"""``(A, B, H)`` of the step t → s: noise $(\alpha_s/\alpha_t, \sigma_s, h)$,
+    data $(\sigma_s/\sigma_t, \alpha_s, -h)$ (see the module docs)."""
     h = _lam(cs) - _lam(ct)
     if data:
         return cs.sigma / ct.sigma, cs.m, -h
@@ -97,9 +99,9 @@ def _frame(ct: Coefs, cs: Coefs, data: bool) -> Tuple[float, float, float]:
 
 
 def _phis(H: float) -> Tuple[float, float, float]:
-    r""":math:`\varphi_1 = e^H - 1`, :math:`\varphi_2 = \varphi_1/H - 1`, :math:`\varphi_3 = \varphi_2/H - 1/2`.
+    r"""$\varphi_1 = e^H - 1$, $\varphi_2 = \varphi_1/H - 1$, $\varphi_3 = \varphi_2/H - 1/2$.
 
-    For :math:`|H| < 10^{-2}` the Taylor series (5 terms) replaces the cancelling differences."""
+    For $|H| < 10^{-2}$ the Taylor series (5 terms) replaces the cancelling differences."""
     if abs(H) < 1e-2:
         p1 = H * (1 + H / 2 * (1 + H / 3 * (1 + H / 4 * (1 + H / 5))))
         p2 = H / 2 * (1 + H / 3 * (1 + H / 4 * (1 + H / 5 * (1 + H / 6))))
@@ -111,7 +113,7 @@ def _phis(H: float) -> Tuple[float, float, float]:
 
 
 def _intermediate_times(ctx: Context, rs: Sequence[float]) -> List[List[float]]:
-    r"""For each fraction ``r`` and each step i, the time with :math:`\lambda = \lambda_{t_i} + r h_i`.
+    r"""For each fraction ``r`` and each step i, the time with $\lambda = \lambda_{t_i} + r h_i$.
 
     One vectorised call of ``kernel.t_from_log_snr`` for all of them; their coefficients are
     prepared with ``ctx.prepare`` so the stepping loop issues no coefficient kernels."""
@@ -142,9 +144,9 @@ def _check_bool(v, name: str) -> bool:
 def dpm_solver_1(ctx: Context, x: torch.Tensor, predict: str = "noise") -> torch.Tensor:
     r"""DPM-Solver-1 (Lu et al. 2022a, eq. 3.7) = DDIM with η = 0.
 
-    Noise prediction: :math:`x_s = \frac{\alpha_s}{\alpha_t}x - \sigma_s(e^h - 1)\hat\varepsilon_t`.
+    Noise prediction: $x_s = \frac{\alpha_s}{\alpha_t}x - \sigma_s(e^h - 1)\hat\varepsilon_t$.
     Data prediction (DPM-Solver++, first order):
-    :math:`x_s = \frac{\sigma_s}{\sigma_t}x - \alpha_s(e^{-h} - 1)\hat x_{0,t}` — the same numbers.
+    $x_s = \frac{\sigma_s}{\sigma_t}x - \alpha_s(e^{-h} - 1)\hat x_{0,t}$ — the same numbers.
     One score evaluation per step.
     """
     data = _check_predict(predict)
@@ -161,16 +163,18 @@ def dpm_solver_2(ctx: Context, x: torch.Tensor, predict: str = "noise", r1: floa
     r"""Singlestep DPM-Solver-2 (Lu et al. 2022a, Algorithm 1); ``predict="data"`` is DPM-Solver++(2S)
     (Lu et al. 2022b, Algorithm 1).
 
-    Per step, with :math:`s_1 = t_\lambda(\lambda_t + r_1 h)` (noise prediction shown):
+    Per step, with $s_1 = t_\lambda(\lambda_t + r_1 h)$ (noise prediction shown):
 
-    .. math::
-
+    $$
+        \begin{aligned}
         u &= \frac{\alpha_{s_1}}{\alpha_t}x - \sigma_{s_1}(e^{r_1h} - 1)\hat\varepsilon(x, t) \\
         x_s &= \frac{\alpha_s}{\alpha_t}x - \sigma_s(e^h - 1)\hat\varepsilon(x, t)
-               - \frac{\sigma_s}{2r_1}(e^h - 1)\big(\hat\varepsilon(u, s_1) - \hat\varepsilon(x, t)\big).
+        - \frac{\sigma_s}{2r_1}(e^h - 1)\big(\hat\varepsilon(u, s_1) - \hat\varepsilon(x, t)\big).
+        \end{aligned}
+    $$
 
-    Two score evaluations per step (NFE = 2 · steps). :math:`r_1` is taken as the realised
-    :math:`(\lambda_{s_1} - \lambda_t)/h` so the coefficients match the time actually visited.
+    Two score evaluations per step (NFE = 2 · steps). $r_1$ is taken as the realised
+    $(\lambda_{s_1} - \lambda_t)/h$ so the coefficients match the time actually visited.
     """
     data = _check_predict(predict)
     r1 = _check_fraction(r1, "r1")
@@ -192,19 +196,21 @@ def dpm_solver_2(ctx: Context, x: torch.Tensor, predict: str = "noise", r1: floa
 
 def dpm_solver_3(ctx: Context, x: torch.Tensor, predict: str = "noise", r1: float = 1.0 / 3.0,
                  r2: float = 2.0 / 3.0) -> torch.Tensor:
-    r"""Singlestep DPM-Solver-3 (Lu et al. 2022a, Algorithm 2, :math:`r_1 = 1/3`, :math:`r_2 = 2/3`).
+    r"""Singlestep DPM-Solver-3 (Lu et al. 2022a, Algorithm 2, $r_1 = 1/3$, $r_2 = 2/3$).
 
     Noise prediction shown (data prediction: the same in the frame of the module docs):
 
-    .. math::
-
+    $$
+        \begin{aligned}
         u_1 &= \frac{\alpha_{s_1}}{\alpha_t}x - \sigma_{s_1}(e^{r_1h} - 1)\hat\varepsilon_t \\
         D_1 &= \hat\varepsilon(u_1, s_1) - \hat\varepsilon_t \\
         u_2 &= \frac{\alpha_{s_2}}{\alpha_t}x - \sigma_{s_2}(e^{r_2h} - 1)\hat\varepsilon_t
-               - \frac{\sigma_{s_2}r_2}{r_1}\Big(\frac{e^{r_2h} - 1}{r_2h} - 1\Big)D_1 \\
+        - \frac{\sigma_{s_2}r_2}{r_1}\Big(\frac{e^{r_2h} - 1}{r_2h} - 1\Big)D_1 \\
         D_2 &= \hat\varepsilon(u_2, s_2) - \hat\varepsilon_t \\
         x_s &= \frac{\alpha_s}{\alpha_t}x - \sigma_s(e^h - 1)\hat\varepsilon_t
-               - \frac{\sigma_s}{r_2}\Big(\frac{e^h - 1}{h} - 1\Big)D_2 .
+        - \frac{\sigma_s}{r_2}\Big(\frac{e^h - 1}{h} - 1\Big)D_2 .
+        \end{aligned}
+    $$
 
     Three score evaluations per step (NFE = 3 · steps).
     """
@@ -238,9 +244,9 @@ def dpm_solver_3(ctx: Context, x: torch.Tensor, predict: str = "noise", r1: floa
 def _multistep(ctx: Context, x: torch.Tensor, order: int, data: bool, lower_order_final: bool,
                third_order_factor: float = 2.0) -> torch.Tensor:
     r"""Multistep update of ``order`` 1..3, one score evaluation per step (the last state's model
-    output is never needed). Warm-up: step i uses order :math:`\min(\text{order}, i + 1)`.
+    output is never needed). Warm-up: step i uses order $\min(\text{order}, i + 1)$.
     Final steps (``lower_order_final`` and fewer than 15 steps): step i uses at most
-    :math:`n - i` (first order for the last step, ≤ 2 for the one before)."""
+    $n - i$ (first order for the last step, ≤ 2 for the one before)."""
     ts, n = ctx.ts, ctx.n
     Ms: List[torch.Tensor] = []  # model outputs, latest last (at most 3 kept)
     lams: List[float] = []
@@ -277,12 +283,12 @@ def _multistep(ctx: Context, x: torch.Tensor, order: int, data: bool, lower_orde
 def dpmpp_2m(ctx: Context, x: torch.Tensor, predict: str = "data", lower_order_final: bool = True) -> torch.Tensor:
     r"""DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2), data prediction.
 
-    With :math:`h_i = \lambda_{t_i} - \lambda_{t_{i-1}}`, :math:`r_i = h_{i-1}/h_i`:
+    With $h_i = \lambda_{t_i} - \lambda_{t_{i-1}}$, $r_i = h_{i-1}/h_i$:
 
-    .. math::
-
+    $$
         D_i = \Big(1 + \frac{1}{2r_i}\Big)\hat x_0(t_{i-1}) - \frac{1}{2r_i}\hat x_0(t_{i-2}),\qquad
         x_{t_i} = \frac{\sigma_{t_i}}{\sigma_{t_{i-1}}}x_{t_{i-1}} - \alpha_{t_i}(e^{-h_i} - 1)D_i .
+    $$
 
     The first step is first order (no history). With ``lower_order_final`` (default) and fewer
     than 15 steps the last step is first order, as in the published implementations.
@@ -296,20 +302,22 @@ def dpmpp_3m(ctx: Context, x: torch.Tensor, predict: str = "data", lower_order_f
     r"""DPM-Solver++(3M): third-order multistep, data prediction (the order-3 multistep update of the
     reference implementation ``dpm_solver_pytorch``, with the factor below).
 
-    With the three latest outputs :math:`M_0, M_1, M_2` (newest first), :math:`r_0 = h_0/h`,
-    :math:`r_1 = h_1/h`:
+    With the three latest outputs $M_0, M_1, M_2$ (newest first), $r_0 = h_0/h$,
+    $r_1 = h_1/h$:
 
-    .. math::
-
+    $$
         D_{1,0} = \frac{M_0 - M_1}{r_0},\ D_{1,1} = \frac{M_1 - M_2}{r_1},\
         D_1 = D_{1,0} + \frac{r_0}{r_0 + r_1}(D_{1,0} - D_{1,1}),\ D_2 = \frac{D_{1,0} - D_{1,1}}{r_0 + r_1},
+    $$
 
+    $$
         x_s = A x - B\big[\varphi_1 M_0 + \varphi_2 D_1 + 2\varphi_3 D_2\big]
+    $$
 
-    (frame and :math:`\varphi_k` as in the module docs). :math:`D_1 \approx hM'` and
-    :math:`D_2 \approx h^2M''/2`, so the Taylor term :math:`\varphi_3 h^2 M''` needs the factor 2.
+    (frame and $\varphi_k$ as in the module docs). $D_1 \approx hM'$ and
+    $D_2 \approx h^2M''/2$, so the Taylor term $\varphi_3 h^2 M''$ needs the factor 2.
     The reference implementations (``dpm_solver_pytorch``'s ``multistep_dpm_solver_third_update``,
-    k-diffusion's ``sample_dpmpp_3m_sde``) use :math:`\varphi_3 D_2` without it, which makes the
+    k-diffusion's ``sample_dpmpp_3m_sde``) use $\varphi_3 D_2$ without it, which makes the
     method second order only; ``published_form=True`` reproduces ``dpm_solver_pytorch`` exactly
     (tested to 1e-12; k-diffusion's ``sample_dpmpp_3m_sde`` at η = 0 differs from it only in its
     second-order warm-up step). Measured: on Gaussian data the default is 3-10x more accurate at
@@ -317,7 +325,7 @@ def dpmpp_3m(ctx: Context, x: torch.Tensor, predict: str = "data", lower_order_f
 
     Warm-up steps use orders 1 and 2 (the first-order first step has local error O(h²), so the
     asymptotic global order is 2 unless the model output is nearly constant there, as it is at
-    high noise when sampling); ``lower_order_final`` as in :func:`dpmpp_2m` (order ≤ 2 in the
+    high noise when sampling); ``lower_order_final`` as in `dpmpp_2m` (order ≤ 2 in the
     second-to-last step, 1 in the last, below 15 steps). NFE = steps.
     """
     factor = 1.0 if _check_bool(published_form, "published_form") else 2.0
@@ -328,19 +336,19 @@ def dpmpp_3m(ctx: Context, x: torch.Tensor, predict: str = "data", lower_order_f
 def dpmpp_2m_sde(ctx: Context, x: torch.Tensor, eta: float = 1.0) -> torch.Tensor:
     r"""DPM-Solver++(2M) SDE (k-diffusion's ``sample_dpmpp_2m_sde``, 'midpoint'), for any α.
 
-    k-diffusion works in VE scaling, :math:`\sigma_{kd} = \sigma/\alpha = e^{-\lambda}`,
-    :math:`x_{kd} = x/\alpha`. Rewritten for a general :math:`\alpha_t` (with
-    :math:`\kappa = 1 - e^{-(1+\eta)h}`, :math:`r = h_{i-1}/h_i`, :math:`z \sim N(0, I)`):
+    k-diffusion works in VE scaling, $\sigma_{kd} = \sigma/\alpha = e^{-\lambda}$,
+    $x_{kd} = x/\alpha$. Rewritten for a general $\alpha_t$ (with
+    $\kappa = 1 - e^{-(1+\eta)h}$, $r = h_{i-1}/h_i$, $z \sim N(0, I)$):
 
-    .. math::
-
+    $$
         x_s = \frac{\sigma_s}{\sigma_t}e^{-\eta h}x + \alpha_s\kappa\,\hat x_0(t)
-              + \frac{\alpha_s\kappa}{2r}\big(\hat x_0(t) - \hat x_0(t_{prev})\big)
-              + \sigma_s\sqrt{1 - e^{-2\eta h}}\,z .
+        + \frac{\alpha_s\kappa}{2r}\big(\hat x_0(t) - \hat x_0(t_{prev})\big)
+        + \sigma_s\sqrt{1 - e^{-2\eta h}}\,z .
+    $$
 
     η = 1 (default) is SDE-DPM-Solver++(2M) (Lu et al. 2022b; its first-order member is
-    :math:`x_s = \frac{\sigma_s}{\sigma_t}e^{-h}x + \alpha_s(1 - e^{-2h})\hat x_0 +
-    \sigma_s\sqrt{1 - e^{-2h}}z`); η = 0 is the deterministic DPM-Solver++(2M) without
+    $x_s = \frac{\sigma_s}{\sigma_t}e^{-h}x + \alpha_s(1 - e^{-2h})\hat x_0 +
+    \sigma_s\sqrt{1 - e^{-2h}}z$); η = 0 is the deterministic DPM-Solver++(2M) without
     lower-order final steps. The first step is first order. Accepts a ReverseSDE or a PF ODE of
     a linear SDE (only its score is used); runs from high to low noise; noise from the solve's
     generator. NFE = steps.

@@ -29,7 +29,7 @@ class SolverStats:
     wall_time: seconds spent in the solve (after validation), measured on the host; on CUDA the
         device is synchronised at the end so the number includes queued work.
     backend: ``"native"``, ``"torchdiffeq"`` or ``"torchsde"``.
-    method: the method name as passed to :func:`sdekit.solve`.
+    method: the method name as passed to `sdekit.solve`.
     extra: method-specific counters (e.g. corrector evaluations).
     """
 
@@ -51,11 +51,11 @@ class SolverStats:
 
 @dataclass
 class Solution:
-    """Result of :func:`sdekit.solve`.
+    """Result of `sdekit.solve`.
 
     ``x`` is the final state (at ``t_end``); ``ts`` (float64) and ``xs`` (stacked along a new
     leading dimension) hold the states at ``save_at`` when requested; ``stats`` the statistics;
-    ``status`` is ``"success"`` (failures raise :class:`SolverError`).
+    ``status`` is ``"success"`` (failures raise `SolverError`).
     """
 
     x: torch.Tensor
@@ -69,7 +69,7 @@ class SolverError(RuntimeError):
     """A solve that could not finish: non-finite state, too many steps, a step size underflow.
 
     Carries ``step`` (index of the failing step), ``t`` (the time reached) and ``stats`` (the
-    partial :class:`SolverStats`).
+    partial `SolverStats`).
     """
 
     def __init__(self, message: str, *, step: Optional[int] = None, t: Optional[float] = None,
@@ -98,7 +98,7 @@ class CountingFunction:
 
 def counted_problem(problem, check_inputs: Optional[bool] = None) -> Tuple[Any, CountingFunction]:
     """A shallow copy of ``problem`` whose score (ReverseSDE, ProbabilityFlowODE) or, for a
-    forward SDE, drift is wrapped in a :class:`CountingFunction`; returns ``(copy, counter)``.
+    forward SDE, drift is wrapped in a `CountingFunction`; returns ``(copy, counter)``.
 
     The copy shares modules and parameters with ``problem``; only the counted function differs.
     ``check_inputs=False`` switches off the copy's time/state checks where the caller guarantees

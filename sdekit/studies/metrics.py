@@ -1,13 +1,15 @@
 r"""Two-sample metrics and their noise floors.
 
-The energy distance (Székely & Rizzo) between samples :math:`X \sim P`, :math:`Y \sim Q`,
+The energy distance (Székely & Rizzo) between samples $X \sim P$, $Y \sim Q$,
 
-.. math:: \mathcal E(P, Q) = 2E\|X - Y\| - E\|X - X'\| - E\|Y - Y'\| \ \ge 0,
+$$
+    \mathcal E(P, Q) = 2E\|X - Y\| - E\|X - X'\| - E\|Y - Y'\| \ \ge 0,
+$$
 
-is zero iff P = Q. :func:`energy_distance` returns the unbiased U-statistic estimate (which can
+is zero iff P = Q. `energy_distance` returns the unbiased U-statistic estimate (which can
 be slightly negative). A finite-sample statistic is only meaningful next to its *noise floor*:
 the distribution of the same statistic between two independent samples of the target
-(:func:`noise_floor`).
+(`noise_floor`).
 """
 
 from __future__ import annotations
