@@ -57,6 +57,8 @@ __all__ = ["log_likelihood", "LikelihoodResult", "GaussianDataPrior", "DIVERGENC
 F64 = torch.float64
 DIVERGENCES = ("auto", "exact", "hutchinson")
 BACKENDS = ODE_BACKENDS
+#: error norms: "independent" = per-sample stepping (native integrator), see docs/solvers.md
+NORMS = ("batch", "per-sample", "independent")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,12 +275,14 @@ class _AugmentedField(torch.nn.Module):
         self.shape = tuple(shape)  # the data's shape
         self.d = math.prod(self.shape[1:])
 
-    def _divergence(self, out: torch.Tensor, xu: torch.Tensor, graph: bool) -> torch.Tensor:
+    def _divergence(self, out: torch.Tensor, xu: torch.Tensor, graph: bool, index=None) -> torch.Tensor:
         if self.mode == "exact":
             return exact_divergence_of(out, xu, create_graph=graph).unsqueeze(1)
-        return hutchinson_divergence_of(out, xu, self.probes, create_graph=graph)
+        probes = self.probes if index is None else self.probes[:, index]  # per-sample stepping: the running rows
+        return hutchinson_divergence_of(out, xu, probes, create_graph=graph)
 
-    def forward(self, t: torch.Tensor, state: Tuple[torch.Tensor, torch.Tensor]):
+    def forward(self, t: torch.Tensor, state: Tuple[torch.Tensor, torch.Tensor], index=None):
+        # index (per-sample stepping, norm="independent"): the running samples' rows, t their (n,) times
         x = state[0]
         graph = self.needs_graph and torch.is_grad_enabled()
         with torch.enable_grad():
@@ -287,12 +291,14 @@ class _AugmentedField(torch.nn.Module):
             if self.affine:
                 t64 = t.to(F64)
                 s = evaluate_score(self.pf.score_fn, xu, t64)
-                div_s = self._divergence(s, xu, graph)
+                div_s = self._divergence(s, xu, graph, index)
             else:
                 v = self.pf._drift(xu, t)
-                div = self._divergence(v, xu, graph)
+                div = self._divergence(v, xu, graph, index)
         if self.affine:
             a, c = self.pf.affine_coefficients(t64)
+            if t64.dim() == 1:  # per-sample times (norm="independent"): one coefficient per row
+                a, c = a.unsqueeze(1), c.unsqueeze(1)
             xv = xin if graph else x
             sv = s if graph else s.detach()
             v = a * xv + c * sv.to(F64)
@@ -473,7 +479,7 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
             field_, y0, t_eps, sde.T, method=method, rtol=req.rtol, atol=req.atol,
             norm="seminorm" if adjoint and norm == "batch" else norm, backend=backend, needs_grad=req.wants_grad,
             adjoint=adjoint, adjoint_params=tuple(p for p in req.params if p.requires_grad) if adjoint else None,
-            max_steps=max_steps, options=options)
+            max_steps=max_steps, options=options, sample_index=norm == "independent")
     except SolverError as e:
         if e.stats is not None:
             e.stats.extra["score_calls"] = counter.count
@@ -553,8 +559,8 @@ def _request(sde, score, x, t_eps, method, rtol, atol, divergence, probe, n_prob
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     _check_bool(adjoint, "adjoint")
-    if norm not in ("batch", "per-sample"):
-        raise ValueError(f"norm must be 'batch' or 'per-sample', got {norm!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(exact_dim_limit, bool) or not isinstance(exact_dim_limit, numbers.Integral) or exact_dim_limit < 0:
