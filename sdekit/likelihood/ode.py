@@ -42,7 +42,7 @@ from .._defaults import LIKELIHOOD_T_EPS
 from .._gaussian import gaussian_log_prob
 from ..dynamics import evaluate_score
 from ..processes import SDE, LinearSDE
-from ..solvers.integrate import ODE_BACKENDS, ODE_METHODS, integrate_ode
+from ..solvers.integrate import ODE_BACKENDS, ODE_METHODS, integrate_ode, resolve_norm
 from ..solvers.stats import CountingFunction, SolverError, SolverStats
 from .divergence import (
     PROBES,
@@ -58,7 +58,7 @@ F64 = torch.float64
 DIVERGENCES = ("auto", "exact", "hutchinson")
 BACKENDS = ODE_BACKENDS
 #: error norms: "independent" = per-sample stepping (native integrator), see docs/solvers.md
-NORMS = ("batch", "per-sample", "independent")
+NORMS = ("auto", "batch", "per-sample", "independent")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def _check_bool(v, name):
 def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float = LIKELIHOOD_T_EPS, method: str = "dopri5",
                    rtol: float = 1e-5, atol: float = 1e-5, divergence: str = "auto", probe: str = "rademacher",
                    n_probes: int = 1, generator: Optional[torch.Generator] = None, adjoint: bool = False,
-                   norm: str = "batch", prior: Any = None, exact_dim_limit: int = 16,
+                   norm: str = "auto", prior: Any = None, exact_dim_limit: int = 16,
                    max_steps: Optional[int] = None, params: Optional[Sequence[torch.Tensor]] = None,
                    options: Optional[Dict[str, Any]] = None, backend: str = "auto") -> LikelihoodResult:
     r"""Log-likelihood $\log p_{t_\varepsilon}(x)$ (nats per sample) by the probability-flow ODE.
@@ -409,8 +409,15 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
         ``log_prob`` w.r.t. ``x`` and the score's parameters. Uses the seminorm (the backward
         error control ignores the parameter-gradient components) with ``norm="batch"``.
     norm:
-        ``"batch"`` (RMS over the batch, per component of the state) or ``"per-sample"`` (the
-        worst sample meets the tolerance: results do not depend on what else is in the batch).
+        ``"auto"`` (default): per-sample stepping (``"independent"``) wherever the native
+        integrator runs the solve (no gradient wanted, ``dopri5``/``bosh3``), else
+        ``"per-sample"`` (``"batch"`` with the adjoint); see `sdekit.solvers.integrate.resolve_norm`.
+        ``"independent"``: each sample has its own step size, error test and end, so its
+        log-likelihood and NFE do not depend on the rest of the batch (Hutchinson probes stay tied
+        to their sample; ``stats.nfe_per_sample`` etc. hold the per-sample counts). ``"batch"``:
+        one step for the batch from the RMS error over the batch (torchdiffeq's; the worst
+        sample's error grows with the batch size). ``"per-sample"``: one step sized for the worst
+        sample.
     prior:
         ``None`` (the process's own prior), a `GaussianDataPrior` /
         ``("gaussian", mean, var)`` (Gaussian data pushed to T exactly), or any object with
@@ -465,6 +472,7 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
     req = _request(sde, score, x, t_eps, method, rtol, atol, divergence, probe, n_probes, generator, adjoint, norm,
                    prior, exact_dim_limit, max_steps, params, backend)
     x, t_eps, mode, K, d, B = req.x, req.t_eps, req.mode, req.n_probes, req.d, int(req.x.shape[0])
+    norm = resolve_norm(norm, method, backend, req.wants_grad, adjoint, options)  # "auto" -> a norm
 
     # ---- set up ----------------------------------------------------------------------------------
     counter = CountingFunction(score)
@@ -507,9 +515,12 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
     native = info["backend"] == "native"
     stats = SolverStats(nfe=info["nfe"], steps=info["steps"], accepted=info["accepted"], rejected=info["rejected"],
                         wall_time=wall, backend=info["backend"], method=method if native else f"torchdiffeq:{method}")
+    if "nfe_per_sample" in info:  # per-sample stepping (norm="independent")
+        stats.set_per_sample(info)
     stats.extra.update(divergence=mode, vectors_per_eval=d if mode == "exact" else K, score_calls=counter.count,
                        preflight_evals=1, first_step=info.get("first_step"), t_min=info["t_min"],
                        t_max=info["t_max"], prior=req.prior_desc, adjoint=info["adjoint"], dim=d)
+    stats.extra["norm"] = norm
     return LikelihoodResult(log_prob=log_prob, prior_log_prob=prior_lp, delta_log_prob=delta_mean,
                             z=z64.to(x.dtype), stderr=stderr, stats=stats, divergence=mode,
                             n_probes=K if mode == "hutchinson" else 0,

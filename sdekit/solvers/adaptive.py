@@ -248,9 +248,10 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     y1, info
         The state at ``t_end`` (a new tensor) and a dict with ``nfe``, ``steps``, ``accepted``,
         ``rejected``, ``first_step``, ``last_proposal``, ``t_min``, ``t_max`` and ``saved`` (the
-        states at ``save_at``, in the order given). With ``norm="independent"``: ``nfe`` and
-        ``steps`` count batched evaluations and iterations (each the maximum over samples),
-        ``accepted``/``rejected`` are summed over samples, and ``nfe_per_sample``,
+        states at ``save_at``, in the order given). With ``norm="independent"`` the scalar counts
+        describe the batched run's critical path (``nfe``: batched evaluations, ``steps``:
+        iterations, ``accepted``/``rejected``: those of the sample that ran longest), and
+        ``nfe_per_sample``,
         ``steps_per_sample``, ``accepted_per_sample``, ``rejected_per_sample`` (int64 ``(B,)``),
         ``first_step_per_sample`` and ``sample_evals`` (rows evaluated, the sum of
         ``nfe_per_sample``) are added.

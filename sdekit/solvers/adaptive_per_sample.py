@@ -76,9 +76,13 @@ def integrate_per_sample(func: Callable, y0: torch.Tensor, cfg, *, sample_index:
     ``(n,)`` float64 tensor of their times, ``y`` their ``(n, D)`` states, ``index`` their
     ``(n,)`` int64 positions in ``y0``'s batch. ``compact=False`` keeps full-size arrays and
     masks finished rows instead of dropping them (for the benchmark only; same results).
-    Returns ``(y(t_end), info)`` as `integrate_adaptive`, with per-sample counters (int64 ``(B,)``
-    tensors ``nfe_per_sample``, ``accepted_per_sample``, ``rejected_per_sample``,
-    ``first_step_per_sample`` float64) and totals.
+    Returns ``(y(t_end), info)`` as `integrate_adaptive`: ``nfe``, ``steps``, ``accepted``,
+    ``rejected`` describe the batched run, i.e. the critical path (batched evaluations, iterations,
+    and the accepted/rejected steps of the sample that ran longest, so that
+    ``nfe = 2 + s * steps`` and ``steps = accepted + rejected`` hold as for the shared step), plus
+    the per-sample counters (int64 ``(B,)`` tensors ``nfe_per_sample``, ``steps_per_sample``,
+    ``accepted_per_sample``, ``rejected_per_sample``; float64 ``first_step_per_sample``) and the
+    total ``sample_evals`` (rows evaluated, the sum of ``nfe_per_sample``).
     """
     tab, method, t0, t_end = cfg.tab, cfg.method, cfg.t0, cfg.t_end
     B, D = y0.shape
@@ -112,7 +116,10 @@ def integrate_per_sample(func: Callable, y0: torch.Tensor, cfg, *, sample_index:
 
     def fail(msg: str, t_reached: float, step: int):
         stats = SolverStats(backend="native", method=method, nfe=calls[0], steps=step,
-                            accepted=int(acc_s.sum()), rejected=int(rej_s.sum()), nfe_per_sample=nfe_s.clone())
+                            accepted=int(acc_s.max()), rejected=step - int(acc_s.max()),
+                            nfe_per_sample=nfe_s.clone(), steps_per_sample=acc_s + rej_s,
+                            accepted_per_sample=acc_s.clone(), rejected_per_sample=rej_s.clone(),
+                            sample_evals=int(nfe_s.sum()))
         raise SolverError(msg + f" ({method}, norm='independent')", step=step, t=t_reached, stats=stats)
 
     y = y0.detach().clone()
@@ -209,9 +216,11 @@ def integrate_per_sample(func: Callable, y0: torch.Tensor, cfg, *, sample_index:
             if any_done:
                 active[ia[finished]] = False
             n = int(active.sum()) if any_done else n
-    info = {"nfe": calls[0], "steps": it, "accepted": int(acc_s.sum()), "rejected": int(rej_s.sum()),
+    steps_s = acc_s + rej_s
+    j = int(torch.argmax(steps_s))  # the critical path: the sample that ran longest (the first of ties)
+    info = {"nfe": calls[0], "steps": it, "accepted": int(acc_s[j]), "rejected": int(rej_s[j]),
             "first_step": float(first.min()), "last_proposal": None, "t_min": lo, "t_max": hi,
             "saved": [saved[stops.index(v)] for v in cfg.save_at],
             "nfe_per_sample": nfe_s, "accepted_per_sample": acc_s, "rejected_per_sample": rej_s,
-            "steps_per_sample": acc_s + rej_s, "first_step_per_sample": first, "sample_evals": int(nfe_s.sum())}
+            "steps_per_sample": steps_s, "first_step_per_sample": first, "sample_evals": int(nfe_s.sum())}
     return out, info

@@ -18,7 +18,7 @@ import torch
 from .adaptive import NATIVE_ADAPTIVE_METHODS, integrate_adaptive
 from .backend_torchdiffeq import ADAPTIVE_METHODS, odeint_counted
 
-__all__ = ["integrate_ode", "ODE_METHODS", "ODE_BACKENDS", "NATIVE_OPTIONS"]
+__all__ = ["integrate_ode", "resolve_norm", "ODE_METHODS", "ODE_BACKENDS", "NATIVE_OPTIONS"]
 
 State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 #: adaptive methods ``integrate_ode`` accepts (torchdiffeq's; ``dopri5`` and ``bosh3`` also native)
@@ -110,6 +110,23 @@ def integrate_ode(field: Callable[[torch.Tensor, State], State], y0: State, t_st
                                      options=None if options is None else dict(options))
     info["backend"] = "native" if use_native else "torchdiffeq"
     return y1, info
+
+
+def resolve_norm(norm: str, method: str, backend: str = "auto", needs_grad: bool = False, adjoint: bool = False,
+                 options: Optional[Mapping[str, Any]] = None) -> str:
+    """The error norm ``"auto"`` stands for (other values are returned unchanged).
+
+    ``"independent"`` (per-sample stepping) wherever the native integrator can run the solve —
+    it met 1e-4 nats/dim worst-sample likelihood error at rtol = atol = 1e-6 in every case
+    measured, with fewer rows evaluated than the shared step, and a sample's result does not
+    depend on its batch (``docs/solvers.md``); else ``"batch"`` for the adjoint (the seminorm
+    backward pass) and ``"per-sample"`` (one step sized for the worst sample) otherwise.
+    """
+    if norm != "auto":
+        return norm
+    if backend != "torchdiffeq" and not _native_blockers(method, needs_grad, adjoint, "independent", options):
+        return "independent"
+    return "batch" if adjoint else "per-sample"
 
 
 def _native_blockers(method: str, needs_grad: bool, adjoint: bool, norm: str, options) -> List[str]:

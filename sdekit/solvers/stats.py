@@ -28,9 +28,10 @@ class SolverStats:
     nfe_per_sample: per-sample evaluation counts where steps differ between samples, else None.
     steps_per_sample, accepted_per_sample, rejected_per_sample: per-sample step counts (int64
         ``(B,)``) where steps differ between samples (per-sample stepping, ``norm="independent"``),
-        else None. There ``nfe`` and ``steps`` count batched evaluations and iterations (the
-        largest per-sample counts: the sequential cost) and ``accepted``/``rejected`` are summed
-        over samples.
+        else None. There the scalar counts describe the batched run's critical path: ``nfe``
+        batched evaluations and ``steps`` iterations (the largest per-sample counts: the
+        sequential cost), ``accepted``/``rejected`` those of the sample that ran longest; totals
+        over samples are ``sample_evals`` and the sums of the per-sample tensors.
     sample_evals: rows evaluated in total (the sum of ``nfe_per_sample``: the arithmetic cost)
         where steps differ between samples, else None (it is then ``nfe`` times the batch size).
     wall_time: seconds spent in the solve (after validation), measured on the host; on CUDA the
