@@ -297,11 +297,13 @@ class _AugmentedField(torch.nn.Module):
                 div = self._divergence(v, xu, graph, index)
         if self.affine:
             a, c = self.pf.affine_coefficients(t64)
+            ax, cx = a, c
             if t64.dim() == 1:  # per-sample times (norm="independent"): one coefficient per row
-                a, c = a.unsqueeze(1), c.unsqueeze(1)
+                a, c = a.unsqueeze(1), c.unsqueeze(1)  # for (n, K) divergences
+                ax, cx = (u.reshape((-1,) + (1,) * (x.dim() - 1)) for u in (a, c))  # for x's rank
             xv = xin if graph else x
             sv = s if graph else s.detach()
-            v = a * xv + c * sv.to(F64)
+            v = ax * xv + cx * sv.to(F64)
             div = a * self.d + c * (div_s if graph else div_s.detach()).to(F64)
             return v, div
         v, div = v.to(F64), div.to(F64)
