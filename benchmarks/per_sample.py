@@ -181,8 +181,8 @@ def cheapest(rows, name, d, scale, norm, level):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, seconds")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                  "per_sample.json"))
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/per_sample.json, "
+                                                 "or per_sample_quick.json with --quick)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.quick:
@@ -241,8 +241,9 @@ def main(argv=None) -> dict:
                              f"{r['evals_per_sample']:.0f} / {r['nfe']} / {r['tol']:.0e} / {r['wall_s']:.1f}")
             print(f"| {name} | {d} | {scale:g} | {level:g} | " + " | ".join(cells) + " |")
     out["equal_error_summary"] = summary
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    path = args.out if not args.quick else args.out.replace(".json", "_quick.json")
+    path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    "per_sample_quick.json" if args.quick else "per_sample.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(out, fh, indent=1)
     print(f"\nwrote {path}")

@@ -22,7 +22,6 @@ shared step.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
