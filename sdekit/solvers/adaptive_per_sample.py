@@ -152,11 +152,7 @@ def integrate_per_sample(func: Callable, y0: torch.Tensor, cfg, *, sample_index:
         target = stops_t[ks]
         cross = direction * (t1 - target) >= 0.0
         t1 = torch.where(cross, target, t1)
-        hs = t1 - ta  # signed steps
-        if bool((hs == 0.0).any()):
-            j = int((hs == 0.0).nonzero()[0, 0])
-            fail(f"the step size underflowed for sample {int(ia[j])} (h = {float(ha[j]):.3g} at "
-                 f"t = {float(ta[j])!r})", float(ta[j]), it)
+        hs = t1 - ta  # signed steps (a zero step, h below the time's ulp, fails after this iteration)
         hcol = hs.to(dt_).unsqueeze(1)
         Kf = Ka.view(S, -1)
         m = ya.shape[0]
@@ -170,11 +166,7 @@ def integrate_per_sample(func: Callable, y0: torch.Tensor, cfg, *, sample_index:
         ratio = _row_ratio(err.div_(tol), blocks)
         nfe_s[ia] += S - 1
         it += 1
-        finite = torch.isfinite(ratio)
-        if not bool(finite.all()):
-            j = int((~finite).nonzero()[0, 0])
-            fail(f"the error estimate of sample {int(ia[j])} is not finite: the state or the vector field "
-                 f"became NaN/inf", float(ta[j]), it)
+        bad = ~torch.isfinite(ratio)
         ok = ratio <= 1.0
         acc_s[ia] += ok.to(torch.int64)
         rej_s[ia] += (~ok).to(torch.int64)
@@ -187,20 +179,29 @@ def integrate_per_sample(func: Callable, y0: torch.Tensor, cfg, *, sample_index:
         factor = torch.where(ratio == 0.0, torch.full_like(factor, cfg.ifactor), factor)
         ha = hs.abs() * factor
         finished = ta == t_end
-        if n_save:  # accepted steps that ended on a save point
-            hit = ok & (ta == target) & ~finished
-            if bool(hit.any()):
-                for k in ks[hit].unique().tolist():
-                    sel = hit & (ks == k)
-                    saved[k][ia[sel]] = ya[sel]
-                ks = ks + hit.to(torch.int64)
-        if cfg.min_step is not None:
-            small = (ha < cfg.min_step) & ~finished
-            if bool(small.any()):
-                j = int(small.nonzero()[0, 0])
-                fail(f"the step-size controller proposed h = {float(ha[j]):.3g} < min_step = {cfg.min_step:g} "
-                     f"for sample {int(ia[j])}", float(ta[j]), it)
-        any_done = bool(finished.any())
+        zero = hs == 0.0
+        hit = ok & (ta == target) & ~finished  # accepted steps that ended on a save point
+        small = (ha < cfg.min_step) & ~finished if cfg.min_step is not None else zero
+        # one host read per iteration (a device sync on CUDA) for every decision below
+        any_zero, any_bad, any_done, any_hit, any_small = torch.stack(
+            [zero.any(), bad.any(), finished.any(), hit.any(), small.any()]).tolist()
+        if any_zero:
+            j = int(zero.nonzero()[0, 0])
+            fail(f"the step size underflowed for sample {int(ia[j])} (h = {float(hcl[j]):.3g} at "
+                 f"t = {float(ta[j])!r})", float(ta[j]), it)
+        if any_bad:
+            j = int(bad.nonzero()[0, 0])
+            fail(f"the error estimate of sample {int(ia[j])} is not finite: the state or the vector field "
+                 f"became NaN/inf", float(ta[j]), it)
+        if n_save and any_hit:
+            for k in ks[hit].unique().tolist():
+                sel = hit & (ks == k)
+                saved[k][ia[sel]] = ya[sel]
+            ks = ks + hit.to(torch.int64)
+        if cfg.min_step is not None and any_small:
+            j = int(small.nonzero()[0, 0])
+            fail(f"the step-size controller proposed h = {float(ha[j]):.3g} < min_step = {cfg.min_step:g} "
+                 f"for sample {int(ia[j])}", float(ta[j]), it)
         if any_done:
             out[ia[finished]] = ya[finished]
         if compact:
