@@ -42,7 +42,7 @@ from .._defaults import LIKELIHOOD_T_EPS
 from .._gaussian import gaussian_log_prob
 from ..dynamics import evaluate_score
 from ..processes import SDE, LinearSDE
-from ..solvers.integrate import ODE_BACKENDS, ODE_METHODS, integrate_ode
+from ..solvers.integrate import ODE_BACKENDS, ODE_METHODS, integrate_ode, resolve_norm
 from ..solvers.stats import CountingFunction, SolverError, SolverStats
 from .divergence import (
     PROBES,
@@ -57,6 +57,8 @@ __all__ = ["log_likelihood", "LikelihoodResult", "GaussianDataPrior", "DIVERGENC
 F64 = torch.float64
 DIVERGENCES = ("auto", "exact", "hutchinson")
 BACKENDS = ODE_BACKENDS
+#: error norms: "independent" = per-sample stepping (native integrator), see docs/solvers.md
+NORMS = ("auto", "batch", "per-sample", "independent")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,12 +275,14 @@ class _AugmentedField(torch.nn.Module):
         self.shape = tuple(shape)  # the data's shape
         self.d = math.prod(self.shape[1:])
 
-    def _divergence(self, out: torch.Tensor, xu: torch.Tensor, graph: bool) -> torch.Tensor:
+    def _divergence(self, out: torch.Tensor, xu: torch.Tensor, graph: bool, index=None) -> torch.Tensor:
         if self.mode == "exact":
             return exact_divergence_of(out, xu, create_graph=graph).unsqueeze(1)
-        return hutchinson_divergence_of(out, xu, self.probes, create_graph=graph)
+        probes = self.probes if index is None else self.probes[:, index]  # per-sample stepping: the running rows
+        return hutchinson_divergence_of(out, xu, probes, create_graph=graph)
 
-    def forward(self, t: torch.Tensor, state: Tuple[torch.Tensor, torch.Tensor]):
+    def forward(self, t: torch.Tensor, state: Tuple[torch.Tensor, torch.Tensor], index=None):
+        # index (per-sample stepping, norm="independent"): the running samples' rows, t their (n,) times
         x = state[0]
         graph = self.needs_graph and torch.is_grad_enabled()
         with torch.enable_grad():
@@ -287,15 +291,19 @@ class _AugmentedField(torch.nn.Module):
             if self.affine:
                 t64 = t.to(F64)
                 s = evaluate_score(self.pf.score_fn, xu, t64)
-                div_s = self._divergence(s, xu, graph)
+                div_s = self._divergence(s, xu, graph, index)
             else:
                 v = self.pf._drift(xu, t)
-                div = self._divergence(v, xu, graph)
+                div = self._divergence(v, xu, graph, index)
         if self.affine:
             a, c = self.pf.affine_coefficients(t64)
+            ax, cx = a, c
+            if t64.dim() == 1:  # per-sample times (norm="independent"): one coefficient per row
+                a, c = a.unsqueeze(1), c.unsqueeze(1)  # for (n, K) divergences
+                ax, cx = (u.reshape((-1,) + (1,) * (x.dim() - 1)) for u in (a, c))  # for x's rank
             xv = xin if graph else x
             sv = s if graph else s.detach()
-            v = a * xv + c * sv.to(F64)
+            v = ax * xv + cx * sv.to(F64)
             div = a * self.d + c * (div_s if graph else div_s.detach()).to(F64)
             return v, div
         v, div = v.to(F64), div.to(F64)
@@ -362,7 +370,7 @@ def _check_bool(v, name):
 def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float = LIKELIHOOD_T_EPS, method: str = "dopri5",
                    rtol: float = 1e-5, atol: float = 1e-5, divergence: str = "auto", probe: str = "rademacher",
                    n_probes: int = 1, generator: Optional[torch.Generator] = None, adjoint: bool = False,
-                   norm: str = "batch", prior: Any = None, exact_dim_limit: int = 16,
+                   norm: str = "auto", prior: Any = None, exact_dim_limit: int = 16,
                    max_steps: Optional[int] = None, params: Optional[Sequence[torch.Tensor]] = None,
                    options: Optional[Dict[str, Any]] = None, backend: str = "auto") -> LikelihoodResult:
     r"""Log-likelihood $\log p_{t_\varepsilon}(x)$ (nats per sample) by the probability-flow ODE.
@@ -403,8 +411,15 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
         ``log_prob`` w.r.t. ``x`` and the score's parameters. Uses the seminorm (the backward
         error control ignores the parameter-gradient components) with ``norm="batch"``.
     norm:
-        ``"batch"`` (RMS over the batch, per component of the state) or ``"per-sample"`` (the
-        worst sample meets the tolerance: results do not depend on what else is in the batch).
+        ``"auto"`` (default): per-sample stepping (``"independent"``) wherever the native
+        integrator runs the solve (no gradient wanted, ``dopri5``/``bosh3``), else
+        ``"per-sample"`` (``"batch"`` with the adjoint); see `sdekit.solvers.integrate.resolve_norm`.
+        ``"independent"``: each sample has its own step size, error test and end, so its
+        log-likelihood and NFE do not depend on the rest of the batch (Hutchinson probes stay tied
+        to their sample; ``stats.nfe_per_sample`` etc. hold the per-sample counts). ``"batch"``:
+        one step for the batch from the RMS error over the batch (torchdiffeq's; the worst
+        sample's error grows with the batch size). ``"per-sample"``: one step sized for the worst
+        sample.
     prior:
         ``None`` (the process's own prior), a `GaussianDataPrior` /
         ``("gaussian", mean, var)`` (Gaussian data pushed to T exactly), or any object with
@@ -459,6 +474,7 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
     req = _request(sde, score, x, t_eps, method, rtol, atol, divergence, probe, n_probes, generator, adjoint, norm,
                    prior, exact_dim_limit, max_steps, params, backend)
     x, t_eps, mode, K, d, B = req.x, req.t_eps, req.mode, req.n_probes, req.d, int(req.x.shape[0])
+    norm = resolve_norm(norm, method, backend, req.wants_grad, adjoint, options)  # "auto" -> a norm
 
     # ---- set up ----------------------------------------------------------------------------------
     counter = CountingFunction(score)
@@ -473,7 +489,7 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
             field_, y0, t_eps, sde.T, method=method, rtol=req.rtol, atol=req.atol,
             norm="seminorm" if adjoint and norm == "batch" else norm, backend=backend, needs_grad=req.wants_grad,
             adjoint=adjoint, adjoint_params=tuple(p for p in req.params if p.requires_grad) if adjoint else None,
-            max_steps=max_steps, options=options)
+            max_steps=max_steps, options=options, sample_index=norm == "independent")
     except SolverError as e:
         if e.stats is not None:
             e.stats.extra["score_calls"] = counter.count
@@ -501,9 +517,12 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
     native = info["backend"] == "native"
     stats = SolverStats(nfe=info["nfe"], steps=info["steps"], accepted=info["accepted"], rejected=info["rejected"],
                         wall_time=wall, backend=info["backend"], method=method if native else f"torchdiffeq:{method}")
+    if "nfe_per_sample" in info:  # per-sample stepping (norm="independent")
+        stats.set_per_sample(info)
     stats.extra.update(divergence=mode, vectors_per_eval=d if mode == "exact" else K, score_calls=counter.count,
                        preflight_evals=1, first_step=info.get("first_step"), t_min=info["t_min"],
                        t_max=info["t_max"], prior=req.prior_desc, adjoint=info["adjoint"], dim=d)
+    stats.extra["norm"] = norm
     return LikelihoodResult(log_prob=log_prob, prior_log_prob=prior_lp, delta_log_prob=delta_mean,
                             z=z64.to(x.dtype), stderr=stderr, stats=stats, divergence=mode,
                             n_probes=K if mode == "hutchinson" else 0,
@@ -553,8 +572,8 @@ def _request(sde, score, x, t_eps, method, rtol, atol, divergence, probe, n_prob
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     _check_bool(adjoint, "adjoint")
-    if norm not in ("batch", "per-sample"):
-        raise ValueError(f"norm must be 'batch' or 'per-sample', got {norm!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(exact_dim_limit, bool) or not isinstance(exact_dim_limit, numbers.Integral) or exact_dim_limit < 0:

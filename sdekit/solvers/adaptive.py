@@ -50,9 +50,11 @@ import torch
 
 from ._checks import positive, positive_or_inf
 from .registry import MethodInfo, Option, register
+from .adaptive_per_sample import integrate_per_sample
 from .stats import Solution, SolverError, SolverStats, counted_problem
 
-__all__ = ["integrate_adaptive", "initial_step", "run_native_adaptive", "NATIVE_ADAPTIVE_METHODS", "CONTROLLER_OPTIONS"]
+__all__ = ["integrate_adaptive", "initial_step", "run_native_adaptive", "NATIVE_ADAPTIVE_METHODS", "CONTROLLER_OPTIONS",
+           "ADAPTIVE_NORMS"]
 
 F64 = torch.float64
 State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
@@ -96,6 +98,9 @@ _BOSH3 = _Tableau(
 #: native adaptive methods -> (tableau, new evaluations per attempted step)
 NATIVE_ADAPTIVE_METHODS: Dict[str, int] = {"dopri5": 6, "bosh3": 3}
 _TABLEAUS = {"dopri5": _DOPRI5, "bosh3": _BOSH3}
+#: error norms of the native integrator: one shared step sized by the batch RMS or by the worst
+#: sample, or per-sample stepping (each sample its own steps)
+ADAPTIVE_NORMS = ("batch", "per-sample", "independent")
 
 
 class _SegmentNorm:
@@ -193,7 +198,8 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
                        norm: str = "batch", segments: Sequence[int] = (), first_step: Optional[float] = None,
                        max_step: float = math.inf, safety: float = 0.9, ifactor: float = 10.0,
                        dfactor: float = 0.2, max_steps: Optional[int] = None, min_step: Optional[float] = None,
-                       save_at: Sequence[float] = ()) -> Tuple[torch.Tensor, Dict[str, Any]]:
+                       save_at: Sequence[float] = (), sample_index: bool = False
+                       ) -> Tuple[torch.Tensor, Dict[str, Any]]:
     r"""Integrate ``dy/dt = func(t, y)`` from ``t_start`` to ``t_end``; return ``(y(t_end), info)``.
 
     Parameters
@@ -212,7 +218,11 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     rtol, atol:
         Positive tolerances.
     norm:
-        ``"batch"`` (torchdiffeq's RMS over the batch) or ``"per-sample"`` (the worst sample).
+        ``"batch"`` (torchdiffeq's RMS over the batch), ``"per-sample"`` (one step for the batch,
+        sized for the worst sample) or ``"independent"`` (per-sample stepping: each sample has
+        its own step size, accepts or rejects on its own error and stops at its own end, see
+        `sdekit.solvers.adaptive_per_sample`; ``func`` then receives only the samples still
+        running, with ``t`` a ``(n,)`` tensor of their times).
     segments:
         Column indices splitting ``D`` into components whose RMS norms are taken separately and
         maxed (``(d,)`` for a state ``[x | Δ]`` with ``x`` in columns ``[0, d)``).
@@ -228,13 +238,23 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         Times strictly between ``t_start`` and ``t_end`` at which to record the state. The step
         that would cross one is shortened to end on it (as for ``t_end``; no interpolation), so
         each save point can add a step compared with a solve without it.
+    sample_index:
+        ``norm="independent"`` only: call ``func(t, y, index)`` with ``index`` the ``(n,)`` int64
+        positions of the running samples in ``y0``'s batch (to select per-sample constants such as
+        Hutchinson probes).
 
     Returns
     -------
     y1, info
         The state at ``t_end`` (a new tensor) and a dict with ``nfe``, ``steps``, ``accepted``,
         ``rejected``, ``first_step``, ``last_proposal``, ``t_min``, ``t_max`` and ``saved`` (the
-        states at ``save_at``, in the order given).
+        states at ``save_at``, in the order given). With ``norm="independent"`` the scalar counts
+        describe the batched run's critical path (``nfe``: batched evaluations, ``steps``:
+        iterations, ``accepted``/``rejected``: those of the sample that ran longest), and
+        ``nfe_per_sample``,
+        ``steps_per_sample``, ``accepted_per_sample``, ``rejected_per_sample`` (int64 ``(B,)``),
+        ``first_step_per_sample`` and ``sample_evals`` (rows evaluated, the sum of
+        ``nfe_per_sample``) are added.
 
     Raises
     ------
@@ -245,7 +265,13 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     """
     cfg = _config(method, y0, rtol, atol, norm, t_start, t_end, segments, first_step, max_step, safety, ifactor,
                   dfactor, max_steps, min_step, save_at)
+    if not isinstance(sample_index, bool):
+        raise TypeError(f"sample_index must be True or False, got {sample_index!r}")
+    if sample_index and not cfg.independent:
+        raise ValueError("sample_index=True applies to norm='independent' only")
     with torch.no_grad():
+        if cfg.independent:
+            return integrate_per_sample(func, y0, cfg, sample_index=sample_index)
         return _integrate(func, y0, cfg)
 
 
@@ -261,6 +287,7 @@ class _Config:
     t_end: float
     bounds: Tuple[int, ...]
     per_sample: bool
+    independent: bool
     first_step: Optional[float]
     max_step: float
     safety: float
@@ -280,8 +307,8 @@ def _config(method, y0, rtol, atol, norm, t_start, t_end, segments, first_step, 
         raise ValueError(f"y0 must be a (B, D) floating tensor, got "
                          f"{tuple(y0.shape) if isinstance(y0, torch.Tensor) else type(y0).__name__}")
     rtol, atol = _positive(rtol, "rtol"), _positive(atol, "atol")
-    if norm not in ("batch", "per-sample"):
-        raise ValueError(f"norm must be 'batch' or 'per-sample', got {norm!r}")
+    if norm not in ADAPTIVE_NORMS:
+        raise ValueError(f"norm must be one of {ADAPTIVE_NORMS}, got {norm!r}")
     t0, t1 = float(t_start), float(t_end)
     if not (math.isfinite(t0) and math.isfinite(t1)) or t0 == t1:
         raise ValueError(f"t_start and t_end must be finite and distinct, got {t_start!r}, {t_end!r}")
@@ -302,7 +329,8 @@ def _config(method, y0, rtol, atol, norm, t_start, t_end, segments, first_step, 
     bounds = (0,) + tuple(int(s) for s in segments) + (D,)
     if any(not (0 < bounds[i] < bounds[i + 1]) for i in range(1, len(bounds) - 1)) or bounds[-2] >= D:
         raise ValueError(f"segments must be increasing column indices inside (0, {D}), got {tuple(segments)!r}")
-    return _Config(_TABLEAUS[method], method, rtol, atol, t0, t1, bounds, norm == "per-sample", first_step,
+    return _Config(_TABLEAUS[method], method, rtol, atol, t0, t1, bounds, norm == "per-sample", norm == "independent",
+                   first_step,
                    max_step, safety, ifactor, dfactor, max_steps, min_step, save_list)
 
 
@@ -411,14 +439,17 @@ def run_native_adaptive(plan, x: torch.Tensor) -> Solution:
 
     NFE counts score calls. The state is integrated in x's dtype, flattened to ``(B, d)``;
     gradients do not flow through the solve. ``plan.options``: the controller options.
+    ``plan.norm == "independent"``: per-sample stepping (the score sees the running samples
+    only, with a ``(n,)`` time tensor); the per-sample counters land in ``stats``.
     """
     problem, info, t0, t1 = plan.problem, plan.method, plan.t_start, plan.t_end
     stats = SolverStats(method=info.name, backend="native")
     p, counter = counted_problem(problem, check_inputs=False)  # every t stays in [t_end, t_start]
     shape, B = tuple(x.shape), x.shape[0]
 
-    def func(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return p(t, y.view(shape)).reshape(B, -1)
+    def func(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # y: (n, D), n <= B (norm="independent")
+        n = y.shape[0]
+        return p(t, y.view((n,) + shape[1:])).reshape(n, -1)
 
     interior = plan.save_interior()
     try:
@@ -434,6 +465,8 @@ def run_native_adaptive(plan, x: torch.Tensor) -> Solution:
     stats.nfe = counter.count
     stats.steps, stats.accepted, stats.rejected = inf["steps"], inf["accepted"], inf["rejected"]
     stats.extra.update(first_step=inf["first_step"], t_min=inf["t_min"], t_max=inf["t_max"])
+    if plan.norm == "independent":
+        stats.set_per_sample(inf)
     sol = Solution(x=y.view(shape), stats=stats)
     if plan.save_at is not None:
         at = {v: s.view(shape) for v, s in zip(interior, inf["saved"])}

@@ -27,7 +27,7 @@ from .registry import MethodInfo, get_method
 __all__ = ["Plan", "make_plan"]
 
 F64 = torch.float64
-_NORMS = ("batch", "per-sample")
+_NORMS = ("batch", "per-sample", "independent")  # "independent": per-sample stepping (native dopri5/bosh3)
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,7 +120,10 @@ def make_plan(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: 
         raise ValueError("denoise=True needs a ReverseSDE or ProbabilityFlowODE of a linear SDE")
     generator = _check_generator(generator, x.shape[0])
     if norm not in _NORMS:
-        raise ValueError(f"norm must be 'batch' or 'per-sample', got {norm!r}")
+        raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+    if norm == "independent" and not (info.backend == "native" and mode == "adaptive"):
+        raise ValueError(f"norm='independent' (per-sample stepping) needs the native adaptive methods 'dopri5' or "
+                         f"'bosh3'; got method={info.name!r}")
     save_t = _save_times(save_at, t0, t1)
     rtol, atol = _tolerances(info, mode, rtol, atol)
     max_steps = check_count(max_steps, "max_steps", allow_none=True)

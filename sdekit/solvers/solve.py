@@ -68,8 +68,14 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
     denoise:
         Finish with Tweedie's $\hat x_0 = (x + \sigma^2 \hat s)/m$ at ``t_end`` (counted).
     max_steps, min_step, norm:
-        Adaptive-backend controls (``norm``: ``"batch"`` RMS or ``"per-sample"``, where the
-        worst sample meets the tolerance).
+        Adaptive-backend controls. ``norm``: ``"batch"`` (one step size for the batch, from the
+        RMS error over the batch: torchdiffeq's), ``"per-sample"`` (one step size, from the worst
+        sample's error) or ``"independent"`` (per-sample stepping, native ``dopri5``/``bosh3``
+        only: each sample has its own step size, accepts or rejects on its own error and stops at
+        its own end, so its result and NFE do not depend on the batch; the score is called on the
+        samples still running with a ``(n,)`` time tensor, and ``stats`` holds the per-sample
+        counts ``nfe_per_sample``, ``steps_per_sample``, ``accepted_per_sample``,
+        ``rejected_per_sample`` and the total ``sample_evals``; see ``docs/solvers.md``).
     check_every:
         Native methods check for non-finite states every ``check_every`` steps (default: every
         step on CPU; on CUDA a device-side flag checked once at the end, no host sync per step).

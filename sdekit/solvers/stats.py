@@ -26,6 +26,14 @@ class SolverStats:
     steps: steps attempted (accepted + rejected).
     accepted, rejected: accepted and rejected steps (rejected is 0 for fixed-step methods).
     nfe_per_sample: per-sample evaluation counts where steps differ between samples, else None.
+    steps_per_sample, accepted_per_sample, rejected_per_sample: per-sample step counts (int64
+        ``(B,)``) where steps differ between samples (per-sample stepping, ``norm="independent"``),
+        else None. There the scalar counts describe the batched run's critical path: ``nfe``
+        batched evaluations and ``steps`` iterations (the largest per-sample counts: the
+        sequential cost), ``accepted``/``rejected`` those of the sample that ran longest; totals
+        over samples are ``sample_evals`` and the sums of the per-sample tensors.
+    sample_evals: rows evaluated in total (the sum of ``nfe_per_sample``: the arithmetic cost)
+        where steps differ between samples, else None (it is then ``nfe`` times the batch size).
     wall_time: seconds spent in the solve (after validation), measured on the host; on CUDA the
         device is synchronised at the end so the number includes queued work.
     backend: ``"native"``, ``"torchdiffeq"`` or ``"torchsde"``.
@@ -38,6 +46,10 @@ class SolverStats:
     accepted: int = 0
     rejected: int = 0
     nfe_per_sample: Optional[torch.Tensor] = None
+    steps_per_sample: Optional[torch.Tensor] = None
+    accepted_per_sample: Optional[torch.Tensor] = None
+    rejected_per_sample: Optional[torch.Tensor] = None
+    sample_evals: Optional[int] = None
     wall_time: float = 0.0
     backend: str = "native"
     method: str = ""
@@ -45,8 +57,18 @@ class SolverStats:
 
     def as_dict(self) -> Dict[str, Any]:
         d = {k: getattr(self, k) for k in ("nfe", "steps", "accepted", "rejected", "wall_time", "backend", "method")}
+        if self.sample_evals is not None:
+            d["sample_evals"] = self.sample_evals
         d.update(self.extra)
         return d
+
+    def set_per_sample(self, info: Dict[str, Any]) -> None:
+        """Copy the per-sample counters of a per-sample-stepping solve's ``info`` dict."""
+        self.nfe_per_sample = info["nfe_per_sample"]
+        self.steps_per_sample = info["steps_per_sample"]
+        self.accepted_per_sample = info["accepted_per_sample"]
+        self.rejected_per_sample = info["rejected_per_sample"]
+        self.sample_evals = info["sample_evals"]
 
 
 @dataclass
