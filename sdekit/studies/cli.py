@@ -57,6 +57,7 @@ def plot_work_precision(table: StudyTable, path: str, title: str = "") -> None:
 
     mets = list(table.metrics)
     fig, axes = plt.subplots(1, len(mets), figsize=(4.2 * len(mets), 3.8), squeeze=False)
+    fig.subplots_adjust(left=0.09 / len(mets) + 0.05, right=0.98, bottom=0.14, top=0.82, wspace=0.35)
     series: Dict[tuple, List[dict]] = {}
     for r in table.rows:
         series.setdefault((r["label"], r["grid"]), []).append(r)
@@ -81,8 +82,7 @@ def plot_work_precision(table: StudyTable, path: str, title: str = "") -> None:
     axes[0][0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

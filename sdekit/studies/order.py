@@ -69,8 +69,6 @@ class OrderRow:
 def fit_slope(x: List[float], y: List[float], confidence: float = CONFIDENCE):
     """Least-squares slope of ``y`` on ``x`` and its two-sided Student-$t$ interval:
     ``(slope, low, high)``. Needs >= 3 points with distinct ``x``."""
-    from scipy import stats
-
     n = len(x)
     if n != len(y) or n < 3:
         raise ValueError(f"fit_slope needs >= 3 (x, y) pairs, got {n}")
@@ -81,8 +79,17 @@ def fit_slope(x: List[float], y: List[float], confidence: float = CONFIDENCE):
     b = sum((a - mx) * (c - my) for a, c in zip(x, y)) / sxx
     resid = [c - (my + b * (a - mx)) for a, c in zip(x, y)]
     s2 = sum(r * r for r in resid) / (n - 2)
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 2)) * math.sqrt(s2 / sxx)
+    half = _t_quantile(confidence, n - 2) * math.sqrt(s2 / sxx)
     return b, b - half, b + half
+
+
+def _t_quantile(confidence: float, df: int) -> float:
+    """Two-sided Student-$t$ quantile (``scipy.special``: far lighter to import than scipy.stats)."""
+    from scipy.special import stdtrit
+
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    return float(stdtrit(df, 0.5 + confidence / 2))
 
 
 def _ls_slope(x: List[float], y: List[float]) -> float:
@@ -91,12 +98,10 @@ def _ls_slope(x: List[float], y: List[float]) -> float:
 
 
 def _mean_interval(v: List[float], confidence: float):
-    from scipy import stats
-
     n = len(v)
     m = sum(v) / n
     sd = math.sqrt(sum((a - m) ** 2 for a in v) / (n - 1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    half = _t_quantile(confidence, n - 1) * sd / math.sqrt(n)
     return m - half, m + half
 
 
