@@ -132,7 +132,8 @@ def strong_error(x: torch.Tensor, ref: torch.Tensor, reduce: str = "rms") -> flo
 
     $\big(\tfrac1n\sum_i e_i^2\big)^{1/2}$ (``reduce="rms"``, the strong error of SDE theory,
     $E[\|X_N - X(T)\|^2]^{1/2}$ per coordinate), or the median / mean of
-    $e_i = \|x_i - x^{\rm ref}_i\|/\sqrt d$ (``"median"``: the flow-map error of an ODE solve).
+    $e_i = \|x_i - x^{\rm ref}_i\|/\sqrt d$ (``"median"``: the flow-map error of an ODE solve), or
+    their maximum (``"max"``).
     """
     e = per_sample_error(x, ref)
     if reduce == "rms":
@@ -141,7 +142,9 @@ def strong_error(x: torch.Tensor, ref: torch.Tensor, reduce: str = "rms") -> flo
         return float(e.median())
     if reduce == "mean":
         return float(e.mean())
-    raise ValueError(f"reduce must be 'rms', 'median' or 'mean', got {reduce!r}")
+    if reduce == "max":
+        return float(e.max())
+    raise ValueError(f"reduce must be 'rms', 'median', 'mean' or 'max', got {reduce!r}")
 
 
 def _moment_diffs(x: torch.Tensor, y: torch.Tensor, paired: bool, moments: Sequence[int]):

@@ -40,7 +40,7 @@ FLOOR_MARGIN = 3.0
 MAX_INTERVAL_WIDTH = 2.0
 #: Seeds from which the interval comes from the per-seed slopes (replicates) instead of the pooled fit.
 MIN_REPLICATES = 3
-_PATHWISE = ("strong", "flow")
+_PATHWISE = ("strong", "flow", "flow_mean", "flow_max")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ Metrics (`METRICS`):
   against the pathwise reference (same start point, same noise); floor: the reference's own
   error.
 - ``flow``: the median of the same per-sample errors (ODE flow-map error); same floor.
+  ``flow_mean`` and ``flow_max``: their mean and maximum.
 - ``weak``: error of the first two moments (`sdekit.studies.metrics.weak_error`), paired with
   the pathwise reference where there is one, else against target samples; floor: 3 standard
   errors.
@@ -56,8 +57,8 @@ ADAPTIVE_GRID = "adaptive"
 #: Repeats of the two-sample floors (``sliced_wasserstein``, ``mmd``, ``energy``).
 FLOOR_REPEATS = 8
 
-METRICS = ("strong", "flow", "weak", "sliced_wasserstein", "mmd", "energy", "nll", "modes")
-_PATHWISE = ("strong", "flow")
+METRICS = ("strong", "flow", "flow_mean", "flow_max", "weak", "sliced_wasserstein", "mmd", "energy", "nll", "modes")
+_PATHWISE = {"strong": "rms", "flow": "median", "flow_mean": "mean", "flow_max": "max"}
 _TWO_SAMPLE = {"sliced_wasserstein": M.sliced_wasserstein, "mmd": M.mmd, "energy": M.energy_distance}
 
 
@@ -505,7 +506,7 @@ def work_precision(problem_or_factory: Union[StudyProblem, Callable[[int], Study
             paired = sref.x_ref is not None and ("brownian" in kw or not info.is_stochastic(opts))
             rec = {"seed": seed, "label": s.name, "method": s.method, "grid": gl, "budget": b, "budget_kind": kind,
                    "h": abs(sp.t_end - sp.t_start) / int(b) if kind == "steps" else None,
-                   "nfe": int(sol.stats.nfe), "seconds": secs}
+                   "nfe": int(sol.stats.nfe), "steps": int(sol.stats.steps), "seconds": secs}
             rec.update(_evaluate(sol.x, sref, sp, mets, paired))
             records.append(rec)
             if progress is not None:
@@ -526,7 +527,7 @@ def _evaluate(x: torch.Tensor, sref: _SeedRef, sp: StudyProblem, mets: Tuple[str
         if m in _PATHWISE:
             if sref.x_ref is None or not paired:
                 raise ValueError(f"metric {m!r} needs a pathwise reference for every solve")
-            v = M.strong_error(x, sref.x_ref, "rms" if m == "strong" else "median")
+            v = M.strong_error(x, sref.x_ref, _PATHWISE[m])
             fl = sref.ref_floor
         elif m == "weak":
             if paired:
@@ -557,7 +558,8 @@ def _aggregate(records: List[Dict[str, Any]], mets: Tuple[str, ...]) -> List[Dic
         nfes = [r["nfe"] for r in rs]
         row = {"label": label, "method": rs[0]["method"], "grid": grid, "budget": budget,
                "budget_kind": rs[0]["budget_kind"], "h": rs[0]["h"], "nfe_mean": statistics.fmean(nfes),
-               "nfe_min": min(nfes), "nfe_max": max(nfes), "seconds": statistics.fmean(r["seconds"] for r in rs),
+               "nfe_min": min(nfes), "nfe_max": max(nfes), "steps_mean": statistics.fmean(r["steps"] for r in rs),
+               "seconds": statistics.fmean(r["seconds"] for r in rs),
                "seeds": len(rs)}
         for m in mets:
             vs = [r[m] for r in rs]
