@@ -1,4 +1,4 @@
-r"""Two-sample metrics and their noise floors.
+r"""Two-sample metrics, accuracy metrics of solver studies, and their noise floors.
 
 The energy distance (Székely & Rizzo) between samples $X \sim P$, $Y \sim Q$,
 
@@ -10,6 +10,11 @@ is zero iff P = Q. `energy_distance` returns the unbiased U-statistic estimate (
 be slightly negative). A finite-sample statistic is only meaningful next to its *noise floor*:
 the distribution of the same statistic between two independent samples of the target
 (`noise_floor`).
+
+The accuracy metrics of `sdekit.studies.work_precision`: `strong_error` (pathwise, against a
+same-noise reference), `weak_error` (moments, with its Monte Carlo floor), `sliced_wasserstein`,
+`nll_error` (cross-entropy against an exact density, with its floor) and `mode_occupancy`
+(with `mode_occupancy_floor`); `roundoff_floor` is the floor of an exact reference.
 """
 
 from __future__ import annotations
