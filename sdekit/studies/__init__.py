@@ -6,7 +6,9 @@ from .metrics import (energy_distance, mmd, mode_occupancy, nll_error, noise_flo
 from .reference import Reference, StudyProblem
 from .work_precision import METRICS, MethodSpec, StudyTable, work_precision
 from .order import OrderRow, observed_order, orders_markdown
+from .named import NAMED_STUDIES, StudySpec, get_study, steps_for_nfe
 
 __all__ = ["energy_distance", "mmd", "noise_floor", "strong_error", "weak_error", "sliced_wasserstein",
            "nll_error", "mode_occupancy", "Reference", "StudyProblem", "METRICS", "MethodSpec", "StudyTable",
-           "work_precision", "OrderRow", "observed_order", "orders_markdown"]
+           "work_precision", "OrderRow", "observed_order", "orders_markdown", "NAMED_STUDIES", "StudySpec", "get_study",
+           "steps_for_nfe"]

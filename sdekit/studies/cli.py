@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from ..solvers import SolverError
 from .named import StudySpec, get_study
 from .order import OrderRow, observed_order, orders_markdown
 from .work_precision import StudyTable, work_precision
@@ -130,7 +131,8 @@ def _csv_list(s: Optional[str], name: str, conv=str):
 
 
 def main_study(args) -> int:
-    """Run the ``study`` subcommand; bad input prints one line to stderr and returns 2."""
+    """Run the ``study`` subcommand; bad input prints one line to stderr and returns 2, a solve
+    that fails (`sdekit.SolverError`) one line and 1."""
     try:
         spec = get_study(args.study)
         seeds = _csv_list(args.seeds, "seeds", int)
@@ -140,6 +142,9 @@ def main_study(args) -> int:
     except (ValueError, TypeError) as e:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
         return 2
+    except SolverError as e:  # a solve that diverged: no table is written (no NaN rows)
+        print(f"error: a solve failed: {e}".splitlines()[0], file=sys.stderr)
+        return 1
     out = args.out or f"study-{spec.name}"
     title = f"{spec.name}{' (quick)' if args.quick else ''}: {spec.description}"
     paths = write_outputs(table, orders, out, title)

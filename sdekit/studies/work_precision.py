@@ -434,6 +434,8 @@ def work_precision(problem_or_factory: Union[StudyProblem, Callable[[int], Study
     ValueError, TypeError
         For an unknown method or metric, a budget that does not fit its method, an empty seed
         list, a reference that does not cover the study's interval or cannot serve the metrics.
+    SolverError
+        When a solve fails (a non-finite state): no row is ever filled with NaN.
     """
     specs = _specs(methods)
     mets = _metrics(metrics)
