@@ -3,8 +3,8 @@
 Outputs in ``--out`` (default ``./study-<name>``): ``table.csv`` and ``table.md`` (one row per
 method × grid × budget), ``study.json`` (rows, per-seed records, fitted orders, settings),
 ``orders.md`` and ``orders.csv`` (observed order per method, grid and metric against the declared
-one) and ``work_precision.png`` (log-log error against NFE, one panel per metric, floors dashed,
-points at the floor hollow).
+one) and ``work_precision.png`` (log-log error against NFE, one panel per metric, floors dashed
+or dotted, points at the floor hollow).
 """
 
 from __future__ import annotations
@@ -50,11 +50,13 @@ def run_study(spec: StudySpec, *, quick: bool = False, seeds: Optional[Sequence[
 
 
 def plot_work_precision(table: StudyTable, path: str, title: str = "") -> None:
-    """Log-log error against NFE, one panel per metric; the floor dashed, points at floor hollow."""
+    """Log-log error against NFE, one panel per metric; points at their floor hollow; the floor
+    dashed where all rows share one, else dotted per series in its colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     mets = list(table.metrics)
     fig, axes = plt.subplots(1, len(mets), figsize=(4.2 * len(mets), 3.8), squeeze=False)
@@ -71,11 +73,16 @@ def plot_work_precision(table: StudyTable, path: str, title: str = "") -> None:
             for x, y, r in zip(xs, ys, rs):
                 ax.plot([x], [y], "o", ms=5, color=line.get_color(),
                         mfc="none" if r[f"{m}_at_floor"] else line.get_color())
-        floor = max(r[f"{m}_floor"] for r in table.rows)
-        if floor > 0:
-            ax.axhline(floor, ls="--", color="gray", lw=1, label="floor (max)")
+            floors = [r[f"{m}_floor"] for r in rs]
+            if len({round(f, 12) for f in [r[f"{m}_floor"] for r in table.rows]}) > 1 and min(floors) > 0:
+                ax.plot(xs, floors, ":", lw=1, color=line.get_color(), alpha=0.6)  # this series' own floor
+        shared = {round(r[f"{m}_floor"], 12) for r in table.rows}
+        if len(shared) == 1 and next(iter(shared)) > 0:
+            ax.axhline(next(iter(shared)), ls="--", color="gray", lw=1, label="floor")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("NFE")
         ax.set_ylabel(m)
         ax.set_title(m)
