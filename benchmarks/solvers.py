@@ -22,8 +22,9 @@ Sections (``--only overhead,dopri5,accuracy``; default all):
     integrator (same steps and NFE as the default backend solve, sdekit's own bookkeeping).
 ``accuracy``
     Error against the exact Gaussian-mixture oracle versus NFE (float64, VP, t_eps = 1e-3, start
-    points drawn exactly from p_T): per-sample error of deterministic methods against a converged
-    reference solve from the same start points, energy distance (next to its noise floor) for the
+    points drawn exactly from p_T): per-sample error of deterministic methods against a float64
+    dopri5 solve at 1e-10 from the same start points (the sweeps are ``sdekit.studies.work_precision``
+    calls), energy distance (next to its noise floor) for the
     stochastic ones; and a numeric-kernel LinearSDE twin of VP solved with dpmpp_2m.
 
 The overhead and dopri5 sections also count, per step / per evaluation, the top-level torch ops
@@ -62,7 +63,8 @@ import sdekit  # noqa: E402
 from sdekit.oracles import GaussianMixture  # noqa: E402
 from sdekit.solvers import make_grid, solve  # noqa: E402
 from sdekit.solvers.stats import CountingFunction  # noqa: E402
-from sdekit.studies import energy_distance, noise_floor  # noqa: E402
+from sdekit.studies import Reference, StudyProblem, energy_distance, noise_floor, work_precision  # noqa: E402
+from sdekit.studies.reference import TIGHT_LOOSEN  # noqa: E402
 
 F64 = torch.float64
 SECTIONS = ("overhead", "dopri5", "accuracy")
@@ -539,6 +541,10 @@ DETERMINISTIC = [("euler", 1), ("heun", 2), ("rk4", 4), ("ddim", 1), ("dpmpp_2m"
 STOCHASTIC = [("euler_maruyama", 1), ("pc", 2)]
 GRID_METHODS = [("euler", 1), ("heun", 2), ("dpmpp_2m", 1), ("dpmpp_3m", 1)]
 GRIDS = ("log_snr", "quadratic", "edm", "uniform")
+#: Tolerance of the float64 dopri5 reference of the accuracy section (rtol = atol).
+REF_TOL = 1e-10
+#: Per-sample error summaries of the deterministic sweeps (studies metrics: median, mean, max).
+ERR_METRICS = ["flow", "flow_mean", "flow_max"]
 
 
 def per_sample_err(x: torch.Tensor, ref: torch.Tensor):
@@ -550,8 +556,9 @@ def bench_accuracy(cfg) -> Dict:
     sde = sdekit.VPSDE(BETA_MIN, BETA_MAX)
     out = {"setup": "VP(0.1, 20), float64, t: 1 -> 1e-3, start points exact samples of p_1; deterministic "
                     "fixed-step methods on the log-SNR grid, stochastic ones on the uniform grid; error = "
-                    "||x - x_ref|| / sqrt(d) per sample against rk4 on the log-SNR grid from the same start "
-                    "points; stochastic: energy distance to exact samples of p_{1e-3}",
+                    "||x - x_ref|| / sqrt(d) per sample against a float64 dopri5 solve at 1e-10 from the same "
+                    "start points (sdekit.studies.work_precision, metrics flow / flow_mean / flow_max); "
+                    "stochastic: energy distance to exact samples of p_{1e-3}",
            "issue_reference": ISSUE_REFERENCE, "problems": []}
     for prob in cfg["accuracy_problems"]:
         d, n_det, n_sto = prob["d"], prob["n_det"], prob["n_sto"]
@@ -559,34 +566,32 @@ def bench_accuracy(cfg) -> Dict:
         score = gm.exact_score(sde)
         pf = sde.probability_flow(score, t_eps=T_EPS)
         rev = sde.reverse(score, t_eps=T_EPS)
-        gen = torch.Generator().manual_seed(10 + d)
-        xT = gm.push(sde, sde.T).sample(n_det, gen)
         res = {"d": d, "mixture": repr(gm), "n_det": n_det, "n_sto": n_sto, "deterministic": [], "stochastic": []}
+        # the deterministic sweeps run on the studies layer: one work_precision call per sweep, the same
+        # start points (exact samples of p_T from the seed 10 + d) and a float64 dopri5 reference at 1e-10
+        seed = 10 + d
+        study = StudyProblem(pf, start=lambda n, g, gm=gm: gm.push(sde, sde.T).sample(n, g), name=f"vp-gmm d={d}",
+                             n=n_det)
+        wp = dict(reference=Reference.tight(REF_TOL), metrics=ERR_METRICS, seeds=[seed])
         with torch.no_grad():
+            xT = gm.push(sde, sde.T).sample(n_det, torch.Generator().manual_seed(seed))
             tic = time.perf_counter()
-            n1, n2 = prob["ref_steps"]
-            ref_a = solve(pf, xT, method="rk4", steps=n1, grid="log_snr").x
-            ref = solve(pf, xT, method="rk4", steps=n2, grid="log_snr").x
-            res["reference"] = {"method": "rk4, log-SNR grid", "steps": [n1, n2],
-                                "max_err_between_refs": per_sample_err(ref_a, ref)[2],
-                                "median_err_between_refs": per_sample_err(ref_a, ref)[0],
-                                "wall_s": time.perf_counter() - tic}
-            for name, evals in DETERMINISTIC:
-                for nfe in prob["nfe_det"]:
-                    steps = nfe // evals
-                    if steps < 1:
-                        continue
-                    sol = solve(pf, xT, method=name, steps=steps, grid="log_snr")
-                    mde, mn, mx = per_sample_err(sol.x, ref)
-                    res["deterministic"].append({"method": name, "steps": steps, "nfe": sol.stats.nfe,
-                                                 "median_err": mde, "mean_err": mn, "max_err": mx,
-                                                 "wall_s": sol.stats.wall_time})
-            for tol in prob["tols"]:
-                sol = solve(pf, xT, method="torchdiffeq:dopri5", rtol=tol, atol=tol)
-                mde, mn, mx = per_sample_err(sol.x, ref)
-                res["deterministic"].append({"method": f"torchdiffeq:dopri5 tol={tol:g}", "steps": sol.stats.steps,
-                                             "nfe": sol.stats.nfe, "median_err": mde, "mean_err": mn, "max_err": mx,
-                                             "wall_s": sol.stats.wall_time})
+            budgets = {name: [nfe // evals for nfe in prob["nfe_det"] if nfe // evals >= 1] for name, evals in DETERMINISTIC}
+            budgets["torchdiffeq:dopri5"] = list(prob["tols"])
+            table = work_precision(study, [m for m, _ in DETERMINISTIC] + ["torchdiffeq:dopri5"], budgets,
+                                   grids=["log_snr"], **wp)
+            res["reference"] = {"method": f"dopri5, float64, rtol = atol = {REF_TOL:g}",
+                                "floor_median_err": table.rows[0]["flow_floor"],
+                                "floor": f"median error of the same solve at {TIGHT_LOOSEN:g}x the tolerance",
+                                "sweep_wall_s": time.perf_counter() - tic}
+            for r in table.rows:
+                adaptive = r["budget_kind"] == "tol"
+                res["deterministic"].append({
+                    "method": f"{r['method']} tol={r['budget']:g}" if adaptive else r["method"],
+                    "steps": round(r["steps_mean"]) if adaptive else r["budget"], "nfe": round(r["nfe_mean"]),
+                    "median_err": r["flow"], "mean_err": r["flow_mean"], "max_err": r["flow_max"],
+                    "wall_s": r["seconds"]})
+            ref = solve(pf, xT.to(F64), method="dopri5", rtol=REF_TOL, atol=REF_TOL).x  # for the twin rows
             # numeric-kernel twin of VP: the same f, g given as functions (quintic-Hermite kernel)
             twin = sdekit.LinearSDE(lambda t: -0.5 * (BETA_MIN + (BETA_MAX - BETA_MIN) * t),
                                     lambda t: (BETA_MIN + (BETA_MAX - BETA_MIN) * t).sqrt())
@@ -600,14 +605,13 @@ def bench_accuracy(cfg) -> Dict:
                     "numeric_kernel_median_err": eb[0], "numeric_kernel_mean_err": eb[1],
                     "max_abs_diff_between_twins": float((a.x - b.x).abs().max())})
             # grid sensitivity (the fixed-step results above use the log-SNR grid)
-            for name, evals in GRID_METHODS:
-                for grid in GRIDS:
-                    for nfe in prob.get("nfe_grids", []):
-                        sol = solve(pf, xT, method=name, steps=nfe // evals, grid=grid)
-                        mde, mn, mx = per_sample_err(sol.x, ref)
-                        res.setdefault("grids", []).append({"method": name, "grid": grid, "steps": nfe // evals,
-                                                            "nfe": sol.stats.nfe, "median_err": mde,
-                                                            "mean_err": mn, "max_err": mx})
+            if prob.get("nfe_grids"):
+                gt = work_precision(study, [m for m, _ in GRID_METHODS],
+                                    {name: [nfe // evals for nfe in prob["nfe_grids"]] for name, evals in GRID_METHODS},
+                                    grids=list(GRIDS), **wp)
+                res["grids"] = [{"method": r["method"], "grid": r["grid"], "steps": r["budget"], "nfe": round(r["nfe_mean"]),
+                                 "median_err": r["flow"], "mean_err": r["flow_mean"], "max_err": r["flow_max"]}
+                                for r in gt.rows]
             # stochastic methods: energy distance to exact samples of p_{t_eps}
             target = gm.push(sde, T_EPS)
             floor = noise_floor(lambda n, g: target.sample(n, g), n_sto, repeats=prob["floor_repeats"], seed=7)
@@ -633,9 +637,12 @@ def print_accuracy(res: Dict) -> str:
     parts = []
     for p in res["problems"]:
         r = p["reference"]
-        parts.append(f"**d = {p['d']}** ({p['mixture']}, {p['n_det']} start points; reference {r['method']} "
-                     f"{r['steps'][1]} steps, max difference to {r['steps'][0]} steps: "
-                     f"{fmt(r['max_err_between_refs'])})\n")
+        if "steps" in r:  # results written before the studies layer: an rk4 reference at two step counts
+            ref_txt = (f"{r['method']} {r['steps'][1]} steps, max difference to {r['steps'][0]} steps: "
+                       f"{fmt(r['max_err_between_refs'])}")
+        else:
+            ref_txt = f"{r['method']}; its floor ({r['floor']}): {fmt(r['floor_median_err'])}"
+        parts.append(f"**d = {p['d']}** ({p['mixture']}, {p['n_det']} start points; reference {ref_txt})\n")
         hdr = ["method", "steps", "NFE", "median err", "mean err", "max err"]
         rows = [[q["method"], q["steps"], q["nfe"], q["median_err"], q["mean_err"], q["max_err"]]
                 for q in p["deterministic"]]
@@ -686,7 +693,7 @@ def config(quick: bool) -> Dict:
             "repeats": 3, "repeats_torchsde": 3, "repeats_short": 3,
             "overhead_cases": [((1024, 2), 20, 10), ((128, 3072), 4, 2)],
             "dopri5_cases": [("mixture2d", (1024, 2), 1e-3, torch.float32)],
-            "accuracy_problems": [dict(d=2, n_det=200, n_sto=300, ref_steps=(100, 200), nfe_det=[10, 20],
+            "accuracy_problems": [dict(d=2, n_det=200, n_sto=300, nfe_det=[10, 20],
                                        tols=[1e-2], nfe_twin=[10], nfe_sto=[20], floor_repeats=3, nfe_grids=[20])],
         }
     return {
@@ -696,10 +703,10 @@ def config(quick: bool) -> Dict:
         "dopri5_cases": [("mixture2d", (1024, 2), 1e-3, torch.float32), ("mixture2d", (1024, 2), 1e-5, torch.float32),
                          ("gaussian", (1024, 3072), 1e-3, torch.float32)],
         "accuracy_problems": [
-            dict(d=2, n_det=1000, n_sto=4000, ref_steps=(1000, 2000), nfe_det=[10, 20, 50, 100, 200, 500],
+            dict(d=2, n_det=1000, n_sto=4000, nfe_det=[10, 20, 50, 100, 200, 500],
                  tols=[1e-2, 1e-3, 1e-4, 1e-5], nfe_twin=[10, 20, 50], nfe_sto=[20, 50, 100, 200, 500, 1000],
                  floor_repeats=10, nfe_grids=[10, 20, 50]),
-            dict(d=64, K=8, n_det=500, n_sto=1000, ref_steps=(500, 1000), nfe_det=[10, 20, 50, 100, 200],
+            dict(d=64, K=8, n_det=500, n_sto=1000, nfe_det=[10, 20, 50, 100, 200],
                  tols=[1e-2, 1e-3, 1e-4, 1e-5], nfe_twin=[10, 20, 50], nfe_sto=[20, 50, 100, 200, 500],
                  floor_repeats=10),
         ],
