@@ -291,7 +291,8 @@ class ScoreModel(nn.Module):
 
         Returns
         -------
-        `sdekit.Solution` with the samples in ``.x`` and the solver statistics in ``.stats``.
+        sdekit.Solution
+            The samples in ``.x`` and the solver statistics in ``.stats``.
         """
         from sdekit.solvers import solve
         from sdekit.solvers.registry import get_method
@@ -377,7 +378,8 @@ class ScoreModel(nn.Module):
 
         Returns
         -------
-        ``(B,)`` float64 tensor.
+        torch.Tensor
+            ``(B,)`` float64 tensor.
         """
         from sdekit.likelihood import bits_per_dim
 

@@ -39,8 +39,9 @@ def gaussian_log_prob(x: torch.Tensor, mean: Number = 0.0, var: Number = 1.0,
 
     Returns
     -------
-    The log densities, with the shape of the leading (batch) dimensions of ``x`` broadcast
-    against those of ``mean`` and ``var``.
+    torch.Tensor
+        The log densities, with the shape of the leading (batch) dimensions of ``x`` broadcast
+        against those of ``mean`` and ``var``.
     """
     k = x.dim() - 1 if event_dims is None else int(event_dims)
     dims = tuple(range(-k, 0))

@@ -190,7 +190,8 @@ def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n
 
     Returns
     -------
-    `ElboResult`.
+    ElboResult
+        The bound per sample with its standard error and statistics.
     """
     x0, n_t, n_eps, max_batch, t_eps, mode, v = _check_elbo_args(
         sde, score, x0, n_t, n_eps, max_batch, generator, t_eps, importance, antithetic, control_variate,

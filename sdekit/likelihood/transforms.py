@@ -5,23 +5,25 @@ A likelihood computed by `sdekit.likelihood.log_likelihood` (or bounded by
 Benchmarks report bits per dimension of the *native* data — for images, integers
 $k \in \{0, \dots, 255\}$. Three things connect the two:
 
-1. **Dequantization** (discrete data only). Integers have a probability mass function, not a
-   density. Uniform dequantization adds $u \sim U[0, 1)^d$ (times the bin width
-   $\Delta$): $y = k + \Delta u$, so that the bins $[k, k + \Delta)$ tile the
-   continuous space. For any density $p_y$,
+1.  **Dequantization** (discrete data only). Integers have a probability mass function, not a
+    density. Uniform dequantization adds $u \sim U[0, 1)^d$ (times the bin width
+    $\Delta$): $y = k + \Delta u$, so that the bins $[k, k + \Delta)$ tile the
+    continuous space. For any density $p_y$,
 
-   $$
-       \log P(k) = \log\int_{[0,1)^d} p_y(k + \Delta u)\,\Delta^d\,du
-       \;\ge\; \mathbb E_u\big[\log p_y(k + \Delta u)\big] + d\log\Delta
-   $$
+    $$
+    \log P(k) = \log\int_{[0,1)^d} p_y(k + \Delta u)\,\Delta^d\,du
+    \;\ge\; \mathbb E_u\big[\log p_y(k + \Delta u)\big] + d\log\Delta
+    $$
 
-   (Jensen), where $P(k) = \int_{\text{bin}(k)} p_y$ is the discrete model that the
-   continuous density induces. The gap is $\mathrm{KL}(U(\text{bin}) \,\|\, p_y(\cdot|\text{bin}))$,
-   which vanishes as the density becomes flat on the scale of one bin.
-2. **The data transform** $x = a\,y + b$ (elementwise; `DataTransform`) with
-   $\log|\det \partial x/\partial y| = \sum_i \log|a_i|$, so
-   $\log p_y(y) = \log p_x(x) + \sum_i \log|a_i|$.
-3. **Units**: bits per dimension divide by $d\ln 2$.
+    (Jensen), where $P(k) = \int_{\text{bin}(k)} p_y$ is the discrete model that the
+    continuous density induces. The gap is $\mathrm{KL}(U(\text{bin}) \,\|\, p_y(\cdot|\text{bin}))$,
+    which vanishes as the density becomes flat on the scale of one bin.
+
+2.  **The data transform** $x = a\,y + b$ (elementwise; `DataTransform`) with
+    $\log|\det \partial x/\partial y| = \sum_i \log|a_i|$, so
+    $\log p_y(y) = \log p_x(x) + \sum_i \log|a_i|$.
+
+3.  **Units**: bits per dimension divide by $d\ln 2$.
 
 Together (`bits_per_dim`):
 
@@ -407,7 +409,8 @@ def bits_per_dim(log_prob: Any, transform: DataTransform, dim: Union[int, Sequen
 
     Returns
     -------
-    ``(B,)`` float64 tensor (0-d for a number).
+    torch.Tensor
+        ``(B,)`` float64 tensor (0-d for a number).
     """
     if hasattr(log_prob, "log_prob") and not isinstance(log_prob, torch.Tensor):
         log_prob = log_prob.log_prob

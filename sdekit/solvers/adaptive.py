@@ -231,10 +231,10 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
 
     Returns
     -------
-    y1, info
-        The state at ``t_end`` (a new tensor) and a dict with ``nfe``, ``steps``, ``accepted``,
-        ``rejected``, ``first_step``, ``last_proposal``, ``t_min``, ``t_max`` and ``saved`` (the
-        states at ``save_at``, in the order given).
+    tuple
+        ``(y1, info)``: the state at ``t_end`` (a new tensor) and a dict with ``nfe``,
+        ``steps``, ``accepted``, ``rejected``, ``first_step``, ``last_proposal``, ``t_min``,
+        ``t_max`` and ``saved`` (the states at ``save_at``, in the order given).
 
     Raises
     ------

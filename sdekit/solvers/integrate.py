@@ -66,10 +66,10 @@ def integrate_ode(field: Callable[[torch.Tensor, State], State], y0: State, t_st
 
     Returns
     -------
-    y1, info
-        The state at ``t_end`` (``y0``'s structure) and a dict with ``backend`` (which ran),
-        ``nfe``, ``steps``, ``accepted``, ``rejected``, ``first_step``, ``t_min``, ``t_max`` and
-        ``adjoint`` (live counts of the backward pass, or ``None``).
+    tuple
+        ``(y1, info)``: the state at ``t_end`` (``y0``'s structure) and a dict with ``backend``
+        (which ran), ``nfe``, ``steps``, ``accepted``, ``rejected``, ``first_step``, ``t_min``,
+        ``t_max`` and ``adjoint`` (live counts of the backward pass, or ``None``).
 
     Raises
     ------

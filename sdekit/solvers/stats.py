@@ -22,15 +22,23 @@ class SolverStats:
 
     Attributes
     ----------
-    nfe: score (or drift) evaluations, every call counted once per batch.
-    steps: steps attempted (accepted + rejected).
-    accepted, rejected: accepted and rejected steps (rejected is 0 for fixed-step methods).
-    nfe_per_sample: per-sample evaluation counts where steps differ between samples, else None.
-    wall_time: seconds spent in the solve (after validation), measured on the host; on CUDA the
-        device is synchronised at the end so the number includes queued work.
-    backend: ``"native"``, ``"torchdiffeq"`` or ``"torchsde"``.
-    method: the method name as passed to `sdekit.solve`.
-    extra: method-specific counters (e.g. corrector evaluations).
+    nfe:
+        Score (or drift) evaluations, every call counted once per batch.
+    steps:
+        Steps attempted (accepted + rejected).
+    accepted, rejected:
+        Accepted and rejected steps (rejected is 0 for fixed-step methods).
+    nfe_per_sample:
+        Per-sample evaluation counts where steps differ between samples, else None.
+    wall_time:
+        Seconds spent in the solve (after validation), measured on the host; on CUDA the device
+        is synchronised at the end so the number includes queued work.
+    backend:
+        ``"native"``, ``"torchdiffeq"`` or ``"torchsde"``.
+    method:
+        The method name as passed to `sdekit.solve`.
+    extra:
+        Method-specific counters (e.g. corrector evaluations).
     """
 
     nfe: int = 0
