@@ -84,7 +84,9 @@ def time_density(sde, t: torch.Tensor, *, t_eps: float, scheme: str = "uniform")
         The process (linear for the importance schemes).
     t:
         Times in $[t_\varepsilon, T]$, any shape.
-    t_eps, scheme:
+    t_eps:
+        As in `sample_times`.
+    scheme:
         As in `sample_times`.
 
     Returns

@@ -88,6 +88,55 @@ def test_the_markup_scan_finds_what_it_should(tmp_path):
                                                    "'::'"], bad
 
 
+COMBINED_PARAM = re.compile(r"^(\s*)(\**\w+(?:, \**\w+)+)\s*(?::\s*(.*))?$")
+
+
+def combined_parameters_of_different_kinds(path: pathlib.Path):
+    """NumPy-style ``a, b:`` entries (in a Parameters section) whose names differ in annotation or
+    default in the signature: the API reference (griffe) gives every name the first one's type and
+    default, so such a row is printed wrong."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            init = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+            func, doc = init, ast.get_docstring(node, clean=True)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            func, doc = node, ast.get_docstring(node, clean=True)
+        else:
+            continue
+        if not doc or "Parameters\n----------" not in doc:
+            continue
+        if func is not None:
+            args = func.args
+            positional = args.posonlyargs + args.args
+            defaults = dict(zip([a.arg for a in positional][len(positional) - len(args.defaults):], args.defaults))
+            defaults.update({a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None})
+            kinds = {a.arg: (ast.unparse(a.annotation) if a.annotation else None,
+                             ast.unparse(defaults[a.arg]) if a.arg in defaults else None)
+                     for a in positional + args.kwonlyargs}
+        elif isinstance(node, ast.ClassDef):  # a dataclass: its annotated fields are the parameters
+            kinds = {f.target.id: (ast.unparse(f.annotation), ast.unparse(f.value) if f.value else None)
+                     for f in node.body if isinstance(f, ast.AnnAssign) and isinstance(f.target, ast.Name)}
+        else:
+            continue
+        section = doc.split("Parameters\n----------", 1)[1].split("\n\n", 1)[0]
+        for line in section.splitlines():
+            m = COMBINED_PARAM.match(line)
+            if not m or m.group(1) or m.group(3):
+                continue
+            names = [n.strip().lstrip("*") for n in m.group(2).split(",")]
+            if any(n in kinds for n in names) and len({kinds.get(n) for n in names}) > 1:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {m.group(2)}")
+    return bad
+
+
+def test_no_shared_parameter_row_for_parameters_of_different_types():
+    bad = [b for path in package_sources() for b in combined_parameters_of_different_kinds(path)]
+    assert not bad, ("docstring rows naming several parameters of different types/defaults "
+                     "(the API reference prints the first one's for all; split them):\n" + "\n".join(bad))
+
+
 def mkdocs_config() -> str:
     return (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
 

@@ -99,15 +99,19 @@ class DataTransform:
 
     Parameters
     ----------
-    scale, shift:
-        $a$ (nonzero) and $b$: Python numbers, or tensors that broadcast against one
-        sample's shape (e.g. per-channel ``(C, 1, 1)``).
-    low, high:
-        The declared range of the native data. For discrete data the values are the lattice
-        $\{low + j\Delta : j = 0, \dots, L-1\}$ with $\Delta = (high-low)/(L-1)$, so
-        ``high`` is the largest *value* (255 for 8-bit data); after uniform dequantization the
-        data lie in $[low, high + \Delta)$. For continuous data the range is
-        $[low, high]$ (``±inf`` allowed).
+    scale:
+        $a$ (nonzero): a Python number, or a tensor that broadcasts against one sample's shape
+        (e.g. per-channel ``(C, 1, 1)``).
+    shift:
+        $b$: a Python number, or a tensor like ``scale``.
+    low:
+        The lower end of the declared range of the native data (see ``high``).
+    high:
+        The upper end of the declared range of the native data. For discrete data the values
+        are the lattice $\{low + j\Delta : j = 0, \dots, L-1\}$ with
+        $\Delta = (high-low)/(L-1)$, so ``high`` is the largest *value* (255 for 8-bit data);
+        after uniform dequantization the data lie in $[low, high + \Delta)$. For continuous
+        data the range is $[low, high]$ (``±inf`` allowed).
     discrete_levels:
         ``L`` (an integer ≥ 2) for discrete data, ``None`` for continuous data.
 

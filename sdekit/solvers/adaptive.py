@@ -218,8 +218,14 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         maxed (``(d,)`` for a state ``[x | Δ]`` with ``x`` in columns ``[0, d)``).
     first_step:
         Initial step size; default: the Hairer–Nørsett–Wanner heuristic (two evaluations).
-    max_step, safety, ifactor, dfactor:
-        Step-size controller settings (torchdiffeq's defaults).
+    max_step:
+        Largest step size.
+    safety:
+        Safety factor of the step-size controller (torchdiffeq's default).
+    ifactor:
+        Largest factor by which a step may grow (torchdiffeq's default).
+    dfactor:
+        Smallest factor by which a step may shrink (torchdiffeq's default).
     max_steps:
         Raise `SolverError` after this many attempted steps.
     min_step:

@@ -42,8 +42,12 @@ def integrate_ode(field: Callable[[torch.Tensor, State], State], y0: State, t_st
         ``y0``'s structure; returns the same structure.
     y0:
         A batch-first floating tensor or a tuple of them (same batch size, dtype and device).
-    method, rtol, atol:
-        An adaptive method from `ODE_METHODS` and positive tolerances.
+    method:
+        An adaptive method from `ODE_METHODS`.
+    rtol:
+        Relative tolerance (positive).
+    atol:
+        Absolute tolerance (positive).
     norm:
         ``"batch"``, ``"per-sample"`` or (torchdiffeq adjoint only) ``"seminorm"``; for a tuple
         state the RMS of each component, then the max (torchdiffeq's mixed norm).
@@ -56,8 +60,10 @@ def integrate_ode(field: Callable[[torch.Tensor, State], State], y0: State, t_st
         torchdiffeq.
     needs_grad:
         The caller backpropagates through the solve (rules out the native integrator).
-    adjoint, adjoint_params:
-        torchdiffeq's adjoint backward pass (see `odeint_counted`).
+    adjoint:
+        Use torchdiffeq's adjoint backward pass (see `odeint_counted`).
+    adjoint_params:
+        The parameters the adjoint pass differentiates (see `odeint_counted`).
     max_steps:
         Raise `sdekit.SolverError` after this many attempted steps.
     options:

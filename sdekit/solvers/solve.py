@@ -50,9 +50,13 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
         ``dpmpp_3m``, ``dpmpp_2m_sde``, the native adaptive ``dopri5`` / ``bosh3`` (torchdiffeq's
         steps, less bookkeeping, no gradient through the solve), or ``torchdiffeq:<name>`` /
         ``torchsde:<name>``.
-    steps, dt, grid:
-        Fixed-step methods: the number of steps (or a step ``dt`` → ``ceil(|Δt|/dt)`` uniform
-        steps), and the grid kind (``"uniform"`` default; ``"log_snr"`` default for the
+    steps:
+        Fixed-step methods: the number of steps.
+    dt:
+        Fixed-step methods, instead of ``steps``: a step size, giving ``ceil(|Δt|/dt)`` uniform
+        steps.
+    grid:
+        Fixed-step methods: the grid kind (``"uniform"`` default; ``"log_snr"`` default for the
         exponential integrators; ``"edm"``, ``"quadratic"`` or a tensor of times, see
         `sdekit.solvers.grids`).
     rtol, atol:
@@ -67,9 +71,13 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
         (the same path for every step count: strong-error studies).
     denoise:
         Finish with Tweedie's $\hat x_0 = (x + \sigma^2 \hat s)/m$ at ``t_end`` (counted).
-    max_steps, min_step, norm:
-        Adaptive-backend controls (``norm``: ``"batch"`` RMS or ``"per-sample"``, where the
-        worst sample meets the tolerance).
+    max_steps:
+        Adaptive-backend control: the most steps before `SolverError`.
+    min_step:
+        Adaptive-backend control: the smallest step before `SolverError`.
+    norm:
+        Adaptive-backend control: ``"batch"`` RMS or ``"per-sample"``, where the worst sample
+        meets the tolerance.
     check_every:
         Native methods check for non-finite states every ``check_every`` steps (default: every
         step on CPU; on CUDA a device-side flag checked once at the end, no host sync per step).
