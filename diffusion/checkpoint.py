@@ -2,11 +2,10 @@
 
 A checkpoint at step $k$ is a pair of files in one directory,
 
-``ckpt-{k:08d}.safetensors``
-    every tensor (model, EMA, optimizer moments, RNG states, ...), in the safetensors format;
-``ckpt-{k:08d}.json``
-    the manifest: the user's JSON metadata (config, step, schedule position, RNG states of Python
-    and NumPy, ...) plus the SHA-256 and byte size of the tensors file.
+- ``ckpt-{k:08d}.safetensors``: every tensor (model, EMA, optimizer moments, RNG states, ...), in
+  the safetensors format;
+- ``ckpt-{k:08d}.json``: the manifest: the user's JSON metadata (config, step, schedule position,
+  RNG states of Python and NumPy, ...) plus the SHA-256 and byte size of the tensors file.
 
 Each file is written to a temporary file in the same directory, flushed and ``fsync``-ed, then
 renamed over its final name with ``os.replace`` (atomic on POSIX and Windows), and the directory

@@ -290,8 +290,11 @@ class SlicedScoreMatchingLoss:
     weighting:
         ``"auto"`` ($\sigma^2$ for a linear SDE, 1 otherwise), ``"sigma2"``, ``"none"``, or a
         callable ``w(t)`` of a float64 tensor.
-    time_sampling, t_eps:
-        How `__call__` draws t for data ``x0`` under a linear SDE (`sdekit.time_sampling`).
+    time_sampling:
+        How `__call__` draws t for data ``x0`` under a linear SDE: a scheme of
+        `sdekit.time_sampling`.
+    t_eps:
+        Lower end of the time interval.
     """
 
     def __init__(self, projection: str = "rademacher", variance_reduced: bool = True, n_projections: int = 1,

@@ -268,9 +268,11 @@ class ScoreModel(nn.Module):
 
         Parameters
         ----------
-        n, x_T:
-            Exactly one: the number of samples (the start $x_T$ is drawn from the process's prior,
-            in the network's dtype and device) or the start itself.
+        n:
+            The number of samples: the start $x_T$ is drawn from the process's prior, in the
+            network's dtype and device. Pass exactly one of ``n`` and ``x_T``.
+        x_T:
+            The start itself, ``(B, *event_shape)``.
         shape:
             Event shape of a sample (default: the network's declared shape).
         method:
@@ -278,8 +280,16 @@ class ScoreModel(nn.Module):
             ``dpm_solver_*``, ``dpmpp_2m``, ``dpmpp_3m``) solve the PF ODE; SDE methods and the
             stochastic samplers (``euler_maruyama``, ``reverse_diffusion``, ``ancestral``, ``pc``,
             ``dpmpp_2m_sde`` ...) the reverse SDE.
-        steps, rtol, atol, generator, **options:
-            Passed to `sdekit.solve` (``steps`` for fixed-step methods, ``rtol``/``atol`` for adaptive ones).
+        steps:
+            Passed to `sdekit.solve`: the number of steps of a fixed-step method.
+        rtol:
+            Passed to `sdekit.solve`: relative tolerance of an adaptive method.
+        atol:
+            Passed to `sdekit.solve`: absolute tolerance of an adaptive method.
+        generator:
+            Passed to `sdekit.solve` (and used for the prior draw).
+        **options:
+            Passed to `sdekit.solve`: method options such as ``snr`` of ``pc``.
         label:
             An int (every sample) or a ``(n,)`` LongTensor of class labels, or ``None``.
         problem:
@@ -291,7 +301,8 @@ class ScoreModel(nn.Module):
 
         Returns
         -------
-        `sdekit.Solution` with the samples in ``.x`` and the solver statistics in ``.stats``.
+        sdekit.Solution
+            The samples in ``.x`` and the solver statistics in ``.stats``.
         """
         from sdekit.solvers import solve
         from sdekit.solvers.registry import get_method
@@ -377,7 +388,8 @@ class ScoreModel(nn.Module):
 
         Returns
         -------
-        ``(B,)`` float64 tensor.
+        torch.Tensor
+            ``(B,)`` float64 tensor.
         """
         from sdekit.likelihood import bits_per_dim
 

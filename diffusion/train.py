@@ -133,15 +133,21 @@ class TrainConfig:
         ``torch.compile`` the network (``model.net`` if the model has one, else the model).
     seed:
         Seed of every random stream of the run.
-    log_every, eval_every, ckpt_every:
-        Periods in steps of the log line, the evaluation and the checkpoint (0 disables
-        evaluation / periodic checkpoints; a checkpoint is always written when ``train`` ends).
+    log_every:
+        Period in steps of the log line.
+    eval_every:
+        Period in steps of the evaluation (0 disables it).
+    ckpt_every:
+        Period in steps of the checkpoint (0 disables periodic checkpoints; a checkpoint is
+        always written when ``train`` ends).
     keep_last:
         Checkpoints kept on disk.
     device:
         ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-    betas, adam_eps:
-        AdamW's moment decays and epsilon.
+    betas:
+        AdamW's moment decays.
+    adam_eps:
+        AdamW's epsilon.
     min_lr:
         Final learning rate of the cosine schedule ($0 \\le$ ``min_lr`` $\\le$ ``lr``).
     progress:

@@ -29,18 +29,21 @@ def gaussian_log_prob(x: torch.Tensor, mean: Number = 0.0, var: Number = 1.0,
     ----------
     x:
         Points, a tensor.
-    mean, var:
-        Numbers or tensors broadcastable to ``x`` (``var > 0``; not checked: callers validate).
-        A ``var`` that is constant along an event dimension (size 1 there, or a number) costs one
-        logarithm per distinct value, not one per coordinate.
+    mean:
+        A number or a tensor broadcastable to ``x``.
+    var:
+        A number or a tensor broadcastable to ``x`` (``var > 0``; not checked: callers
+        validate). A ``var`` that is constant along an event dimension (size 1 there, or a
+        number) costs one logarithm per distinct value, not one per coordinate.
     event_dims:
         How many trailing dimensions form one event (summed over); default ``x.dim() - 1``
         (everything but the leading batch dimension).
 
     Returns
     -------
-    The log densities, with the shape of the leading (batch) dimensions of ``x`` broadcast
-    against those of ``mean`` and ``var``.
+    torch.Tensor
+        The log densities, with the shape of the leading (batch) dimensions of ``x`` broadcast
+        against those of ``mean`` and ``var``.
     """
     k = x.dim() - 1 if event_dims is None else int(event_dims)
     dims = tuple(range(-k, 0))

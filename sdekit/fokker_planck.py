@@ -66,7 +66,8 @@ def fokker_planck_residual(sde, log_density: Callable, x: torch.Tensor, t: TimeL
 
     Returns
     -------
-    ``(B,)`` tensor (x's dtype, detached): the residual at each point.
+    torch.Tensor
+        ``(B,)`` tensor (x's dtype, detached): the residual at each point.
     """
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be a sdekit.SDE, got {type(sde).__name__}")

@@ -211,7 +211,8 @@ def convert_prediction(pred: torch.Tensor, x: torch.Tensor, sde, t: TimeLike, *,
 
     Returns
     -------
-    The prediction in ``target`` space, shaped like ``x``, in x's dtype.
+    torch.Tensor
+        The prediction in ``target`` space, shaped like ``x``, in x's dtype.
     """
     _linear(sde)
     source = _check_prediction(source, "source")
@@ -328,8 +329,9 @@ def edm_preconditioning(sde, t: torch.Tensor, sigma_data: float):
 
     Returns
     -------
-    (c_in, c_skip, c_out, m):
-        float64 tensors shaped like ``t`` ($m$ for the $x_t/m$ of the skip connection).
+    tuple of torch.Tensor
+        ``(c_in, c_skip, c_out, m)``: float64 tensors shaped like ``t`` ($m$ for the $x_t/m$ of
+        the skip connection).
     """
     _linear(sde)
     sd = check_positive(sigma_data, "sigma_data")

@@ -8,17 +8,17 @@ $$
 
 with a declared noise kind:
 
-``"isotropic"``
-    $G = g(t) I$ with an *independent* Brownian motion per dimension. (torchsde's
-    ``"scalar"`` noise shares ONE Brownian motion across dimensions, which is a different process
-    for d > 1.) ``diffusion(x, t)`` returns $g(t)$ as a ``(B,)`` tensor.
-``"diagonal"``
-    $G = \mathrm{diag}(g(x, t))$ elementwise; ``diffusion`` returns a tensor shaped like x.
-``"general"``
-    $G(x, t)$ a ``(B, d, m)`` matrix for states of shape ``(B, d)`` (small d).
+- ``"isotropic"``: $G = g(t) I$ with an *independent* Brownian motion per dimension.
+  (torchsde's ``"scalar"`` noise shares ONE Brownian motion across dimensions, which is a
+  different process for d > 1.) ``diffusion(x, t)`` returns $g(t)$ as a ``(B,)`` tensor.
+- ``"diagonal"``: $G = \mathrm{diag}(g(x, t))$ elementwise; ``diffusion`` returns a tensor
+  shaped like x.
+- ``"general"``: $G(x, t)$ a ``(B, d, m)`` matrix for states of shape ``(B, d)`` (small d).
 
 The linear class `LinearSDE` ($dx = f(t)x\,dt + g(t)\,dW$) adds the Gaussian
-perturbation kernel $x_t | x_0 \sim N(m(t)x_0, \sigma(t)^2 I)$ from `sdekit.kernels`.
+perturbation kernel $x_t | x_0 \sim N(m(t)x_0, \sigma(t)^2 I)$ from `sdekit.kernels`. The
+built-in processes `VPSDE`, `SubVPSDE`, `VESDE`, `CosineVPSDE` and `OrnsteinUhlenbeck` are all
+`LinearSDE`s.
 
 User callables ``drift(x, t)``, ``diffusion(x, t)`` receive ``t`` as a ``(B,)`` tensor in the
 state's dtype and device; the linear coefficients ``f(t)``, ``g(t)`` receive float64 tensors.

@@ -7,24 +7,22 @@ $[t_\varepsilon, T]$ next to them, so every caller weights by $1/q$ the same way
 
 Schemes
 -------
-``"uniform"``
-    $q = 1/(T - t_\varepsilon)$.
-``"importance"``
-    $q(t) \propto g(t)^2/\sigma(t)^2 = -\lambda'(t)$ ($\lambda = \log(m^2/\sigma^2)$ the log-SNR),
-    drawn by inverting the log-SNR: $\lambda \sim U[\lambda(T), \lambda(t_\varepsilon)]$,
-    $t = \lambda^{-1}(\lambda)$, so $q(t) = -\lambda'(t)/\Lambda$ with
-    $\Lambda = \lambda(t_\varepsilon) - \lambda(T)$. With this $q$ the likelihood weighting $g^2$
-    of a score-space error $\|s_\theta - \nabla\log p(x_t|x_0)\|^2 = \|\hat\varepsilon - \varepsilon\|^2/\sigma^2$
-    has the constant estimator weight $g^2/(q\sigma^2) = \Lambda$.
-``"stratified"``, ``"importance_stratified"``
-    The same densities, but the $n$ uniforms that drive the draws are stratified: one in each of
-    the $n$ equal-probability cells $[k/n, (k+1)/n)$, assigned to positions by a random permutation.
-    Each $t_i$ still has density $q$ (so $\mathrm{mean}(h/q)$ stays unbiased) and the variance of
-    the estimate of $\int h$ drops from $O(1/n)$ to $O(1/n^3)$ for smooth $h$.
-``"mixture"``
-    Defensive importance sampling: each draw is from ``"importance"`` or ``"uniform"`` with
-    probability $1/2$, and $q$ is the mixture density $\tfrac12 q_{imp} + \tfrac12 q_{unif}$
-    (the second moment of $h/q$ is at most twice that under either scheme).
+- ``"uniform"``: $q = 1/(T - t_\varepsilon)$.
+- ``"importance"``: $q(t) \propto g(t)^2/\sigma(t)^2 = -\lambda'(t)$ ($\lambda = \log(m^2/\sigma^2)$
+  the log-SNR), drawn by inverting the log-SNR: $\lambda \sim U[\lambda(T), \lambda(t_\varepsilon)]$,
+  $t = \lambda^{-1}(\lambda)$, so $q(t) = -\lambda'(t)/\Lambda$ with
+  $\Lambda = \lambda(t_\varepsilon) - \lambda(T)$. With this $q$ the likelihood weighting $g^2$
+  of a score-space error $\|s_\theta - \nabla\log p(x_t|x_0)\|^2 = \|\hat\varepsilon - \varepsilon\|^2/\sigma^2$
+  has the constant estimator weight $g^2/(q\sigma^2) = \Lambda$.
+- ``"stratified"``, ``"importance_stratified"``: the same densities, but the $n$ uniforms that
+  drive the draws are stratified: one in each of the $n$ equal-probability cells
+  $[k/n, (k+1)/n)$, assigned to positions by a random permutation. Each $t_i$ still has density
+  $q$ (so $\mathrm{mean}(h/q)$ stays unbiased) and the variance of the estimate of $\int h$
+  drops from $O(1/n)$ to $O(1/n^3)$ for smooth $h$.
+- ``"mixture"``: defensive importance sampling: each draw is from ``"importance"`` or
+  ``"uniform"`` with probability $1/2$, and $q$ is the mixture density
+  $\tfrac12 q_{imp} + \tfrac12 q_{unif}$ (the second moment of $h/q$ is at most twice that under
+  either scheme).
 
 Every quantity comes from the process's kernel (`sde.kernel.log_snr`, `t_from_log_snr`,
 `dlog_snr`), so the same code serves closed-form and numeric kernels. ``"uniform"`` and
@@ -86,12 +84,15 @@ def time_density(sde, t: torch.Tensor, *, t_eps: float, scheme: str = "uniform")
         The process (linear for the importance schemes).
     t:
         Times in $[t_\varepsilon, T]$, any shape.
-    t_eps, scheme:
+    t_eps:
+        As in `sample_times`.
+    scheme:
         As in `sample_times`.
 
     Returns
     -------
-    Tensor of ``t``'s shape, float64.
+    torch.Tensor
+        Float64, of ``t``'s shape.
     """
     t_eps, T = _check(sde, t_eps, scheme)
     if not isinstance(t, torch.Tensor):
@@ -143,8 +144,8 @@ def sample_times(sde, n: int, *, t_eps: float, scheme: str = "uniform",
 
     Returns
     -------
-    (t, q):
-        float64 tensors of shape ``(n,)``: the times and the scheme's density at them.
+    tuple of torch.Tensor
+        ``(t, q)``: float64 tensors of shape ``(n,)``, the times and the scheme's density at them.
 
     Raises
     ------

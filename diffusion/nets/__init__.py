@@ -36,7 +36,9 @@ def build_net(config: Mapping[str, Any]) -> nn.Module:
 
     Returns
     -------
-    A freshly initialised network of the same architecture; load a state_dict for the weights.
+    torch.nn.Module
+        A freshly initialised network of the same architecture; load a state_dict for the
+        weights.
 
     Raises
     ------

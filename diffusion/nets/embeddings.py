@@ -57,9 +57,11 @@ class SinusoidalEmbedding(nn.Module):
     ----------
     dim:
         Output features (even).
-    min_freq, max_freq:
-        Frequency range in radians per unit of $u$ (defaults `SINUSOIDAL_MIN_FREQ`,
-        `SINUSOIDAL_MAX_FREQ`; see the module notes for why).
+    min_freq:
+        Lowest frequency in radians per unit of $u$ (default `SINUSOIDAL_MIN_FREQ`; see the
+        module notes for why).
+    max_freq:
+        Highest frequency in radians per unit of $u$ (default `SINUSOIDAL_MAX_FREQ`).
 
     Notes
     -----

@@ -76,8 +76,10 @@ class MLPScoreNet(nn.Module):
         ``"silu"`` (default), ``"gelu"``, ``"relu"`` or ``"tanh"``.
     norm:
         ``"layernorm"`` (pre-norm, default) or ``None``.
-    fourier_scale, fourier_seed:
-        Standard deviation and seed of the Fourier frequencies (``embedding="fourier"`` only).
+    fourier_scale:
+        Standard deviation of the Fourier frequencies (``embedding="fourier"`` only).
+    fourier_seed:
+        Seed of the Fourier frequencies (``embedding="fourier"`` only).
 
     Notes
     -----

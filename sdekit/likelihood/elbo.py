@@ -178,9 +178,13 @@ def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n
         log-SNR); ``None`` or ``"uniform"``: t uniform on ``[t_eps, T]``; ``"mixture"``: each
         draw from either with probability 1/2, weighted by the mixture density (the second moment of
         the weighted integrand is at most twice that of either).
-    antithetic, control_variate, data_var:
-        Variance reductions (module docs); none changes the expectation. ``data_var`` is a
-        rough per-coordinate variance of the data.
+    antithetic:
+        Variance reduction (module docs): antithetic noise pairs; does not change the
+        expectation.
+    control_variate:
+        Variance reduction (module docs); does not change the expectation.
+    data_var:
+        A rough per-coordinate variance of the data, used by the control variate.
     prior_log_prob:
         Optional ``z -> (N,)`` log density of the prior at T (default: the process's own
         $N(0, \sigma(T)^2 I)$, integrated exactly); estimated by Monte Carlo with one
@@ -190,7 +194,8 @@ def elbo(sde: LinearSDE, score: Callable, x0: torch.Tensor, *, n_t: int = 256, n
 
     Returns
     -------
-    `ElboResult`.
+    ElboResult
+        The bound per sample with its standard error and statistics.
     """
     x0, n_t, n_eps, max_batch, t_eps, mode, v = _check_elbo_args(
         sde, score, x0, n_t, n_eps, max_batch, generator, t_eps, importance, antithetic, control_variate,

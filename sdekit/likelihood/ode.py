@@ -162,9 +162,11 @@ class GaussianDataPrior:
 
     Parameters
     ----------
-    mean, var:
-        Numbers or tensors broadcastable to one sample's shape (e.g. per-dimension moments from
-        `from_data`); ``var`` positive. Tensors that require grad stay differentiable.
+    mean:
+        A number or a tensor broadcastable to one sample's shape (e.g. per-dimension moments
+        from `from_data`). A tensor that requires grad stays differentiable.
+    var:
+        The variance, positive; a number or a tensor like ``mean``.
     """
 
     def __init__(self, mean: Union[float, torch.Tensor] = 0.0, var: Union[float, torch.Tensor] = 1.0):
@@ -395,17 +397,24 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
     t_eps:
         Start time in ``(0, T)``; the result is the density of $p_{t_\varepsilon}$ (the data
         convolved with the kernel at $t_\varepsilon$).
-    method, rtol, atol:
+    method:
         An adaptive torchdiffeq method (``dopri5``, ``dopri8``, ``bosh3``, ``adaptive_heun``,
-        ``fehlberg2``) and its tolerances; the state is ``(x, Δ)`` in float64.
+        ``fehlberg2``); the state is ``(x, Δ)`` in float64.
+    rtol:
+        Relative tolerance of the solve.
+    atol:
+        Absolute tolerance of the solve.
     divergence:
         ``"exact"`` (``d`` vector–Jacobian products per evaluation, batched), ``"hutchinson"``
         (``n_probes`` random probes, unbiased), or ``"auto"``: exact iff ``d <= exact_dim_limit``.
-    probe, n_probes, generator:
-        Hutchinson probes: ``"rademacher"`` (±1, lower variance) or ``"gaussian"``; ``n_probes``
-        per sample, drawn ONCE per solve from ``generator`` and held fixed along the trajectory
-        (a fixed probe keeps the ODE smooth for the adaptive solver). All probes share each
-        function evaluation (one batched VJP). The per-probe integrals give ``stderr``.
+    probe:
+        Hutchinson probes: ``"rademacher"`` (±1, lower variance) or ``"gaussian"``.
+    n_probes:
+        Probes per sample, drawn ONCE per solve and held fixed along the trajectory (a fixed
+        probe keeps the ODE smooth for the adaptive solver). All probes share each function
+        evaluation (one batched VJP). The per-probe integrals give ``stderr``.
+    generator:
+        The `torch.Generator` the probes are drawn from.
     adjoint:
         Backpropagate with the adjoint ODE (memory O(1) in the number of steps): gradients of
         ``log_prob`` w.r.t. ``x`` and the score's parameters. Uses the seminorm (the backward

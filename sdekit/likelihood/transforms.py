@@ -5,23 +5,25 @@ A likelihood computed by `sdekit.likelihood.log_likelihood` (or bounded by
 Benchmarks report bits per dimension of the *native* data — for images, integers
 $k \in \{0, \dots, 255\}$. Three things connect the two:
 
-1. **Dequantization** (discrete data only). Integers have a probability mass function, not a
-   density. Uniform dequantization adds $u \sim U[0, 1)^d$ (times the bin width
-   $\Delta$): $y = k + \Delta u$, so that the bins $[k, k + \Delta)$ tile the
-   continuous space. For any density $p_y$,
+1.  **Dequantization** (discrete data only). Integers have a probability mass function, not a
+    density. Uniform dequantization adds $u \sim U[0, 1)^d$ (times the bin width
+    $\Delta$): $y = k + \Delta u$, so that the bins $[k, k + \Delta)$ tile the
+    continuous space. For any density $p_y$,
 
-   $$
-       \log P(k) = \log\int_{[0,1)^d} p_y(k + \Delta u)\,\Delta^d\,du
-       \;\ge\; \mathbb E_u\big[\log p_y(k + \Delta u)\big] + d\log\Delta
-   $$
+    $$
+    \log P(k) = \log\int_{[0,1)^d} p_y(k + \Delta u)\,\Delta^d\,du
+    \;\ge\; \mathbb E_u\big[\log p_y(k + \Delta u)\big] + d\log\Delta
+    $$
 
-   (Jensen), where $P(k) = \int_{\text{bin}(k)} p_y$ is the discrete model that the
-   continuous density induces. The gap is $\mathrm{KL}(U(\text{bin}) \,\|\, p_y(\cdot|\text{bin}))$,
-   which vanishes as the density becomes flat on the scale of one bin.
-2. **The data transform** $x = a\,y + b$ (elementwise; `DataTransform`) with
-   $\log|\det \partial x/\partial y| = \sum_i \log|a_i|$, so
-   $\log p_y(y) = \log p_x(x) + \sum_i \log|a_i|$.
-3. **Units**: bits per dimension divide by $d\ln 2$.
+    (Jensen), where $P(k) = \int_{\text{bin}(k)} p_y$ is the discrete model that the
+    continuous density induces. The gap is $\mathrm{KL}(U(\text{bin}) \,\|\, p_y(\cdot|\text{bin}))$,
+    which vanishes as the density becomes flat on the scale of one bin.
+
+2.  **The data transform** $x = a\,y + b$ (elementwise; `DataTransform`) with
+    $\log|\det \partial x/\partial y| = \sum_i \log|a_i|$, so
+    $\log p_y(y) = \log p_x(x) + \sum_i \log|a_i|$.
+
+3.  **Units**: bits per dimension divide by $d\ln 2$.
 
 Together (`bits_per_dim`):
 
@@ -97,15 +99,19 @@ class DataTransform:
 
     Parameters
     ----------
-    scale, shift:
-        $a$ (nonzero) and $b$: Python numbers, or tensors that broadcast against one
-        sample's shape (e.g. per-channel ``(C, 1, 1)``).
-    low, high:
-        The declared range of the native data. For discrete data the values are the lattice
-        $\{low + j\Delta : j = 0, \dots, L-1\}$ with $\Delta = (high-low)/(L-1)$, so
-        ``high`` is the largest *value* (255 for 8-bit data); after uniform dequantization the
-        data lie in $[low, high + \Delta)$. For continuous data the range is
-        $[low, high]$ (``±inf`` allowed).
+    scale:
+        $a$ (nonzero): a Python number, or a tensor that broadcasts against one sample's shape
+        (e.g. per-channel ``(C, 1, 1)``).
+    shift:
+        $b$: a Python number, or a tensor like ``scale``.
+    low:
+        The lower end of the declared range of the native data (see ``high``).
+    high:
+        The upper end of the declared range of the native data. For discrete data the values
+        are the lattice $\{low + j\Delta : j = 0, \dots, L-1\}$ with
+        $\Delta = (high-low)/(L-1)$, so ``high`` is the largest *value* (255 for 8-bit data);
+        after uniform dequantization the data lie in $[low, high + \Delta)$. For continuous
+        data the range is $[low, high]$ (``±inf`` allowed).
     discrete_levels:
         ``L`` (an integer ≥ 2) for discrete data, ``None`` for continuous data.
 
@@ -407,7 +413,8 @@ def bits_per_dim(log_prob: Any, transform: DataTransform, dim: Union[int, Sequen
 
     Returns
     -------
-    ``(B,)`` float64 tensor (0-d for a number).
+    torch.Tensor
+        ``(B,)`` float64 tensor (0-d for a number).
     """
     if hasattr(log_prob, "log_prob") and not isinstance(log_prob, torch.Tensor):
         log_prob = log_prob.log_prob

@@ -228,8 +228,14 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         maxed (``(d,)`` for a state ``[x | Δ]`` with ``x`` in columns ``[0, d)``).
     first_step:
         Initial step size; default: the Hairer–Nørsett–Wanner heuristic (two evaluations).
-    max_step, safety, ifactor, dfactor:
-        Step-size controller settings (torchdiffeq's defaults).
+    max_step:
+        Largest step size.
+    safety:
+        Safety factor of the step-size controller (torchdiffeq's default).
+    ifactor:
+        Largest factor by which a step may grow (torchdiffeq's default).
+    dfactor:
+        Smallest factor by which a step may shrink (torchdiffeq's default).
     max_steps:
         Raise `SolverError` after this many attempted steps.
     min_step:
@@ -245,14 +251,14 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
 
     Returns
     -------
-    y1, info
-        The state at ``t_end`` (a new tensor) and a dict with ``nfe``, ``steps``, ``accepted``,
-        ``rejected``, ``first_step``, ``last_proposal``, ``t_min``, ``t_max`` and ``saved`` (the
-        states at ``save_at``, in the order given). With ``norm="independent"`` the scalar counts
-        describe the batched run's critical path (``nfe``: batched evaluations, ``steps``:
-        iterations, ``accepted``/``rejected``: those of the sample that ran longest), and
-        ``nfe_per_sample``,
-        ``steps_per_sample``, ``accepted_per_sample``, ``rejected_per_sample`` (int64 ``(B,)``),
+    tuple
+        ``(y1, info)``: the state at ``t_end`` (a new tensor) and a dict with ``nfe``,
+        ``steps``, ``accepted``, ``rejected``, ``first_step``, ``last_proposal``, ``t_min``,
+        ``t_max`` and ``saved`` (the states at ``save_at``, in the order given). With
+        ``norm="independent"`` the scalar counts describe the batched run's critical path
+        (``nfe``: batched evaluations, ``steps``: iterations, ``accepted``/``rejected``: those of
+        the sample that ran longest), and ``nfe_per_sample``, ``steps_per_sample``,
+        ``accepted_per_sample``, ``rejected_per_sample`` (int64 ``(B,)``),
         ``first_step_per_sample`` and ``sample_evals`` (rows evaluated, the sum of
         ``nfe_per_sample``) are added.
 

@@ -415,10 +415,11 @@ def odeint_counted(func: Callable, y0: State, t_start: float, t_end: float, *, m
 
     Returns
     -------
-    (y_final, ys, info)
-        ``y_final`` at ``t_end`` (same structure as y0); ``ys`` the states at ``save_at`` stacked
-        along a new leading dimension (a tuple of such for tuple states) or ``None``; ``info`` a
-        dict: ``nfe``, ``steps`` (attempted), ``accepted``, ``rejected``, ``method``, ``adaptive``,
+    tuple
+        ``(y_final, ys, info)``: ``y_final`` at ``t_end`` (same structure as y0); ``ys`` the
+        states at ``save_at`` stacked along a new leading dimension (a tuple of such for tuple
+        states) or ``None``; ``info`` a dict: ``nfe``, ``steps`` (attempted), ``accepted``,
+        ``rejected``, ``method``, ``adaptive``,
         ``first_step`` (adaptive), ``t_min``/``t_max`` (range of times passed to ``func``),
         ``max_time_clamp``, ``adjoint`` (a live dict of the backward pass counts, or None).
 

@@ -3,12 +3,12 @@ r"""Time grids for fixed-step solvers.
 Every grid runs from ``t_start`` to ``t_end`` (either direction), is float64, hits both ends
 exactly, and is computed in closed form per index (``t0 + i*h``, never accumulated):
 
-``"uniform"``    $t_i = t_0 + i\,h$, $h = (t_1 - t_0)/N$.
-``"log_snr"``    uniform in $\lambda = \log(m^2/\sigma^2)$, mapped back with the kernel's inverse.
-``"edm"``        Karras et al.'s $\rho$-schedule in $\bar\sigma = \sigma/m = e^{-\lambda/2}$:
-                 $\bar\sigma_i = (\bar\sigma_0^{1/\rho} + \tfrac{i}{N}(\bar\sigma_N^{1/\rho} - \bar\sigma_0^{1/\rho}))^\rho$.
-``"quadratic"``  $t_i = t_1 + (t_0 - t_1)(1 - i/N)^2$ (DDIM's quadratic: dense near ``t_end``).
-a tensor         used as given (validated: strictly monotone, finite).
+- ``"uniform"``: $t_i = t_0 + i\,h$, $h = (t_1 - t_0)/N$.
+- ``"log_snr"``: uniform in $\lambda = \log(m^2/\sigma^2)$, mapped back with the kernel's inverse.
+- ``"edm"``: Karras et al.'s $\rho$-schedule in $\bar\sigma = \sigma/m = e^{-\lambda/2}$,
+  $\bar\sigma_i = (\bar\sigma_0^{1/\rho} + \tfrac{i}{N}(\bar\sigma_N^{1/\rho} - \bar\sigma_0^{1/\rho}))^\rho$.
+- ``"quadratic"``: $t_i = t_1 + (t_0 - t_1)(1 - i/N)^2$ (DDIM's quadratic: dense near ``t_end``).
+- a tensor: used as given (validated: strictly monotone, finite).
 """
 
 from __future__ import annotations

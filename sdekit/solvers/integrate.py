@@ -43,8 +43,12 @@ def integrate_ode(field: Callable[[torch.Tensor, State], State], y0: State, t_st
         ``y0``'s structure; returns the same structure.
     y0:
         A batch-first floating tensor or a tuple of them (same batch size, dtype and device).
-    method, rtol, atol:
-        An adaptive method from `ODE_METHODS` and positive tolerances.
+    method:
+        An adaptive method from `ODE_METHODS`.
+    rtol:
+        Relative tolerance (positive).
+    atol:
+        Absolute tolerance (positive).
     norm:
         ``"batch"``, ``"per-sample"``, ``"independent"`` (per-sample stepping, native only: each
         sample its own steps; ``field`` then receives the running samples only, with ``t`` a
@@ -59,8 +63,10 @@ def integrate_ode(field: Callable[[torch.Tensor, State], State], y0: State, t_st
         torchdiffeq.
     needs_grad:
         The caller backpropagates through the solve (rules out the native integrator).
-    adjoint, adjoint_params:
-        torchdiffeq's adjoint backward pass (see `odeint_counted`).
+    adjoint:
+        Use torchdiffeq's adjoint backward pass (see `odeint_counted`).
+    adjoint_params:
+        The parameters the adjoint pass differentiates (see `odeint_counted`).
     max_steps:
         Raise `sdekit.SolverError` after this many attempted steps.
     options:
@@ -72,11 +78,12 @@ def integrate_ode(field: Callable[[torch.Tensor, State], State], y0: State, t_st
 
     Returns
     -------
-    y1, info
-        The state at ``t_end`` (``y0``'s structure) and a dict with ``backend`` (which ran),
-        ``nfe``, ``steps``, ``accepted``, ``rejected``, ``first_step``, ``t_min``, ``t_max`` and
-        ``adjoint`` (live counts of the backward pass, or ``None``); with ``norm="independent"``
-        also the per-sample counters of `sdekit.solvers.adaptive.integrate_adaptive`.
+    tuple
+        ``(y1, info)``: the state at ``t_end`` (``y0``'s structure) and a dict with ``backend``
+        (which ran), ``nfe``, ``steps``, ``accepted``, ``rejected``, ``first_step``, ``t_min``,
+        ``t_max`` and ``adjoint`` (live counts of the backward pass, or ``None``); with
+        ``norm="independent"`` also the per-sample counters of
+        `sdekit.solvers.adaptive.integrate_adaptive`.
 
     Raises
     ------

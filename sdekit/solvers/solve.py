@@ -50,9 +50,13 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
         ``dpmpp_3m``, ``dpmpp_2m_sde``, the native adaptive ``dopri5`` / ``bosh3`` (torchdiffeq's
         steps, less bookkeeping, no gradient through the solve), or ``torchdiffeq:<name>`` /
         ``torchsde:<name>``.
-    steps, dt, grid:
-        Fixed-step methods: the number of steps (or a step ``dt`` → ``ceil(|Δt|/dt)`` uniform
-        steps), and the grid kind (``"uniform"`` default; ``"log_snr"`` default for the
+    steps:
+        Fixed-step methods: the number of steps.
+    dt:
+        Fixed-step methods, instead of ``steps``: a step size, giving ``ceil(|Δt|/dt)`` uniform
+        steps.
+    grid:
+        Fixed-step methods: the grid kind (``"uniform"`` default; ``"log_snr"`` default for the
         exponential integrators; ``"edm"``, ``"quadratic"`` or a tensor of times, see
         `sdekit.solvers.grids`).
     rtol, atol:
@@ -67,15 +71,19 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
         (the same path for every step count: strong-error studies).
     denoise:
         Finish with Tweedie's $\hat x_0 = (x + \sigma^2 \hat s)/m$ at ``t_end`` (counted).
-    max_steps, min_step, norm:
-        Adaptive-backend controls. ``norm``: ``"batch"`` (one step size for the batch, from the
-        RMS error over the batch: torchdiffeq's), ``"per-sample"`` (one step size, from the worst
-        sample's error) or ``"independent"`` (per-sample stepping, native ``dopri5``/``bosh3``
-        only: each sample has its own step size, accepts or rejects on its own error and stops at
-        its own end, so its result and NFE do not depend on the batch; the score is called on the
+    max_steps:
+        Adaptive-backend control: the most steps before `SolverError`.
+    min_step:
+        Adaptive-backend control: the smallest step before `SolverError`.
+    norm:
+        Adaptive-backend control: ``"batch"`` (one step size for the batch, from the RMS error
+        over the batch: torchdiffeq's), ``"per-sample"`` (one step size, from the worst sample's
+        error) or ``"independent"`` (per-sample stepping, native ``dopri5``/``bosh3`` only: each
+        sample has its own step size, accepts or rejects on its own error and stops at its own
+        end, so its result and NFE do not depend on the batch; the score is called on the
         samples still running with a ``(n,)`` time tensor, and ``stats`` holds the per-sample
         counts ``nfe_per_sample``, ``steps_per_sample``, ``accepted_per_sample``,
-        ``rejected_per_sample`` and the total ``sample_evals``; see ``docs/solvers.md``).
+        ``rejected_per_sample`` and the total ``sample_evals``; see the Solvers page).
     check_every:
         Native methods check for non-finite states every ``check_every`` steps (default: every
         step on CPU; on CUDA a device-side flag checked once at the end, no host sync per step).

@@ -22,23 +22,33 @@ class SolverStats:
 
     Attributes
     ----------
-    nfe: score (or drift) evaluations, every call counted once per batch.
-    steps: steps attempted (accepted + rejected).
-    accepted, rejected: accepted and rejected steps (rejected is 0 for fixed-step methods).
-    nfe_per_sample: per-sample evaluation counts where steps differ between samples, else None.
-    steps_per_sample, accepted_per_sample, rejected_per_sample: per-sample step counts (int64
-        ``(B,)``) where steps differ between samples (per-sample stepping, ``norm="independent"``),
-        else None. There the scalar counts describe the batched run's critical path: ``nfe``
-        batched evaluations and ``steps`` iterations (the largest per-sample counts: the
-        sequential cost), ``accepted``/``rejected`` those of the sample that ran longest; totals
-        over samples are ``sample_evals`` and the sums of the per-sample tensors.
-    sample_evals: rows evaluated in total (the sum of ``nfe_per_sample``: the arithmetic cost)
-        where steps differ between samples, else None (it is then ``nfe`` times the batch size).
-    wall_time: seconds spent in the solve (after validation), measured on the host; on CUDA the
-        device is synchronised at the end so the number includes queued work.
-    backend: ``"native"``, ``"torchdiffeq"`` or ``"torchsde"``.
-    method: the method name as passed to `sdekit.solve`.
-    extra: method-specific counters (e.g. corrector evaluations).
+    nfe:
+        Score (or drift) evaluations, every call counted once per batch.
+    steps:
+        Steps attempted (accepted + rejected).
+    accepted, rejected:
+        Accepted and rejected steps (rejected is 0 for fixed-step methods).
+    nfe_per_sample:
+        Per-sample evaluation counts where steps differ between samples, else None.
+    steps_per_sample, accepted_per_sample, rejected_per_sample:
+        Per-sample step counts (int64 ``(B,)``) where steps differ between samples (per-sample
+        stepping, ``norm="independent"``), else None. There the scalar counts describe the
+        batched run's critical path: ``nfe`` batched evaluations and ``steps`` iterations (the
+        largest per-sample counts: the sequential cost), ``accepted``/``rejected`` those of the
+        sample that ran longest; totals over samples are ``sample_evals`` and the sums of the
+        per-sample tensors.
+    sample_evals:
+        Rows evaluated in total (the sum of ``nfe_per_sample``: the arithmetic cost) where steps
+        differ between samples, else None (it is then ``nfe`` times the batch size).
+    wall_time:
+        Seconds spent in the solve (after validation), measured on the host; on CUDA the device
+        is synchronised at the end so the number includes queued work.
+    backend:
+        ``"native"``, ``"torchdiffeq"`` or ``"torchsde"``.
+    method:
+        The method name as passed to `sdekit.solve`.
+    extra:
+        Method-specific counters (e.g. corrector evaluations).
     """
 
     nfe: int = 0
