@@ -46,7 +46,7 @@ from ._validation import (TimeLike, broadcast_to_data, check_callable, check_cho
 from .solvers.stats import EVALS_ATTR, call_counted
 
 __all__ = ["GuidedScore", "ClassifierGuidance", "ClassifierFreeGuidance", "classifier_guidance",
-           "classifier_free_guidance", "classifier_gradient", "NOISE_LEVELS"]
+           "classifier_free_guidance", "classifier_gradient", "check_scale", "NOISE_LEVELS"]
 
 F64 = torch.float64
 
