@@ -242,7 +242,8 @@ def main(argv=None):
         print(f"| {r['w']:g} | {r['steps']} | {r['nfe']} | {r['mmd_guided_mean']:.4f} |")
 
     n_inp = a.n_inpaint if a.n_inpaint is not None else (200 if q else 2000)
-    inpaint = inpainting_bias(n_inp, [("heun", 20)] if q else [("heun", 100), ("euler_maruyama", 400)]) if n_inp else None
+    runs = [("heun", 20)] if q else [("heun", 100), ("euler_maruyama", 400)]
+    inpaint = inpainting_bias(n_inp, runs) if n_inp else None
     if inpaint:
         e = inpaint["exact"]
         print(f"\n### Inpainting x_1 given x_0 = 0.3 (exact scores; n = {n_inp})\n")
@@ -253,7 +254,8 @@ def main(argv=None):
             print(f"| {r['method']} | {r['solver']} {r['steps']} | {r['mean']:.3f} | {r['std']:.3f} | "
                   f"{r['mass_above_0.75']:.3f} | {r['ks']:.3f} |")
 
-    payload = {"machine": info, "quick": q, "inpainting": inpaint, "train": tr, "sde": repr(sde), "n": a.n, "steps": a.steps,
+    payload = {"machine": info, "quick": q, "inpainting": inpaint, "train": tr, "sde": repr(sde), "n": a.n,
+               "steps": a.steps,
                "ref_steps": a.ref_steps, "classes": classes, "ws": ws, "mmd_floor": floor, "mmd_floor_repeats": floors,
                "rows": rows, "nfe_rows": nfe_rows}
     if a.out:

@@ -201,7 +201,8 @@ def train_classifier(classifier: NoiseConditionalClassifier, dataset, *, steps: 
                          f"{classifier.event_shape}")
     bad = (labels < 0) | (labels >= classifier.num_classes)
     if bool(bad.any()):
-        raise ValueError(f"dataset labels must lie in [0, {classifier.num_classes - 1}]; got {labels[bad][:6].tolist()}")
+        raise ValueError(f"dataset labels must lie in [0, {classifier.num_classes - 1}]; got "
+                         f"{labels[bad][:6].tolist()}")
     dev = next(classifier.parameters()).device
     data, labels = data.to(dev), labels.to(dev)
     g = torch.Generator(device="cpu").manual_seed(int(seed))

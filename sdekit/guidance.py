@@ -41,8 +41,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-from ._validation import (TimeLike, broadcast_to_data, check_callable, check_choice, check_real, short,
-                          time_for)
+from ._validation import TimeLike, broadcast_to_data, check_callable, check_choice, check_real, time_for
 from .solvers.stats import EVALS_ATTR, call_counted
 
 __all__ = ["GuidedScore", "ClassifierGuidance", "ClassifierFreeGuidance", "classifier_guidance",

@@ -63,8 +63,8 @@ class Observation:
         if not isinstance(y, torch.Tensor) or not y.is_floating_point():
             raise TypeError(f"y must be a floating-point tensor, got {type(y).__name__}")
         if tuple(y.shape) != tuple(mask.shape) and tuple(y.shape[1:]) != tuple(mask.shape):
-            raise ValueError(f"y must have the mask's shape {tuple(mask.shape)} or (B, {', '.join(map(str, mask.shape))}); "
-                             f"got {tuple(y.shape)}")
+            shape = ", ".join(map(str, mask.shape))
+            raise ValueError(f"y must have the mask's shape {tuple(mask.shape)} or (B, {shape}); got {tuple(y.shape)}")
         if not bool(torch.isfinite(y[..., mask] if y.shape == mask.shape else y[:, mask]).all()):
             raise ValueError(f"y must be finite at the known coordinates, got {short(y)}")
         self.mask = mask

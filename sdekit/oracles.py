@@ -468,7 +468,8 @@ class GaussianMixture:
         well they explain the observation:
 
         $$
-            p(x_u \mid x_k = y) = \sum_j \tilde\pi_j\,\mathcal N\big(\mu_{j,u} + \Sigma_{j,uk}\Sigma_{j,kk}^{-1}(y - \mu_{j,k}),
+            p(x_u \mid x_k = y) = \sum_j \tilde\pi_j\,
+            \mathcal N\big(\mu_{j,u} + \Sigma_{j,uk}\Sigma_{j,kk}^{-1}(y - \mu_{j,k}),
             \Sigma_{j,uu} - \Sigma_{j,uk}\Sigma_{j,kk}^{-1}\Sigma_{j,ku}\big),\qquad
             \tilde\pi_j \propto \pi_j\,\mathcal N(y;\ \mu_{j,k}, \Sigma_{j,kk}).
         $$
@@ -693,7 +694,8 @@ class LabelledMixture(GaussianMixture):
     are exact, and so is the guided score of scale $w$ (``docs/guidance.md``):
 
     $$
-        \nabla\log p_t(x) + (1 + w)\,\nabla\log p_t(c \mid x) = (1 + w)\,\nabla\log p_t(x \mid c) - w\,\nabla\log p_t(x).
+        \nabla\log p_t(x) + (1 + w)\,\nabla\log p_t(c \mid x)
+        = (1 + w)\,\nabla\log p_t(x \mid c) - w\,\nabla\log p_t(x).
     $$
 
     Every quantity is built from the class sub-mixtures' `GaussianMixture.exact_score` and

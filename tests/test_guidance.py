@@ -413,7 +413,8 @@ def test_model_guided_score_and_checkpoint(tmp_path):
 
 def test_noise_conditional_classifier_learns_and_guides():
     """train_classifier lowers the noisy cross-entropy on the 3-class labelled mixture (last 20
-    steps of 120 vs the first 20; it cannot fall far: at large t no classifier beats the prior), reaches the exact classifier's accuracy at small t within 0.1, and
+    steps of 120 vs the first 20; it cannot fall far: at large t no classifier beats the prior),
+    reaches the exact classifier's accuracy at small t within 0.1, and
     classifier_guided_score is s + (1 + w) grad log p_phi (autograd reference)."""
     from diffusion.classifier import NoiseConditionalClassifier, classifier_guided_score, train_classifier
 
