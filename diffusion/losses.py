@@ -51,7 +51,7 @@ from sdekit.parameterization import PREDICTIONS, convert_prediction, prediction_
 from sdekit.time_sampling import SCHEMES, sample_times
 
 __all__ = ["DSMLoss", "SlicedScoreMatchingLoss", "SimulatedMarginals", "DSMTerms", "build_loss", "WEIGHTINGS",
-           "PROJECTIONS", "dsm_weight"]
+           "PROJECTIONS", "dsm_weight", "drop_labels"]
 
 F64 = torch.float64
 WEIGHTINGS = ("simple", "likelihood", "edm")
@@ -86,6 +86,31 @@ def _check_model(model):
         raise TypeError(f"denoising score matching needs a linear SDE (a Gaussian kernel); the model's process is "
                         f"{type(model.sde).__name__}: use SlicedScoreMatchingLoss")
     return model
+
+
+def drop_labels(model, label, batch: int, device, generator: Optional[torch.Generator] = None):
+    r"""Classifier-free-guidance training: each label replaced by the null label ``num_classes``
+    with probability ``model.label_dropout`` (drawn from ``generator``, after the loss's own draws).
+
+    ``label=None`` (the null label everywhere) and models with ``label_dropout == 0`` pass through
+    without drawing. Labels must be classes, ``[0, num_classes)``.
+    """
+    p = float(getattr(model, "label_dropout", 0.0))
+    if label is None:
+        return None
+    C = getattr(model, "num_classes", None)
+    if C is not None:
+        lab = torch.as_tensor(label)
+        bad = (lab < 0) | (lab >= C)
+        if bool(bad.any()):
+            raise ValueError(f"training labels must lie in [0, {C - 1}] (num_classes = {C}); got "
+                             f"{lab[bad].flatten()[:6].tolist()}")
+    if p == 0.0:
+        return label
+    gdev = generator.device if generator is not None else device
+    drop = torch.rand(batch, generator=generator, dtype=torch.float64, device=gdev).to(device) < p
+    lab = label.to(device) if isinstance(label, torch.Tensor) else torch.full((batch,), int(label), device=device)
+    return torch.where(drop, torch.full_like(lab, C), lab)
 
 
 def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
@@ -185,6 +210,7 @@ class DSMLoss:
         t, q = sample_times(sde, B, t_eps=self.t_eps, scheme=self.time_sampling, generator=generator,
                             device=x0.device)
         eps = _randn_like(x0, generator)
+        label = drop_labels(model, label, B, x0.device, generator)
         m = broadcast_to_data(sde.kernel.m(t), x0)
         s = broadcast_to_data(sde.kernel.sigma(t), x0)
         x_t = m * x0 + s * eps

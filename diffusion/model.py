@@ -28,7 +28,7 @@ from sdekit.parameterization import (
     score_from_prediction,
 )
 
-__all__ = ["ScoreModel", "PRECONDITIONINGS", "PREDICTIONS"]
+__all__ = ["ScoreModel", "PRECONDITIONINGS", "PREDICTIONS", "noise_condition"]
 
 F64 = torch.float64
 PRECONDITIONINGS = (None, "edm")
@@ -51,6 +51,20 @@ def _event_shape_of(net: nn.Module) -> Optional[Tuple[int, ...]]:
         hw = (int(size), int(size)) if isinstance(size, numbers.Integral) else tuple(int(s) for s in size)
         return (int(c),) + hw
     return None
+
+
+def noise_condition(sde, t) -> torch.Tensor:
+    r"""The networks' noise condition at times ``t``: $\log\bar\sigma(t) = -\lambda(t)/2$ (float64).
+
+    $\lambda$ is the kernel's log-SNR; for a non-linear process (no kernel) it is $t$ itself. Shared
+    by `ScoreModel` and `diffusion.classifier.NoiseConditionalClassifier`.
+    """
+    t64 = t.to(F64) if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=F64)
+    c = -0.5 * sde.kernel.log_snr(t64) if sde.is_linear else t64
+    if not bool(torch.isfinite(c).all()):
+        raise ValueError(f"the noise condition is not finite at t = {short(t64[~torch.isfinite(c)])} "
+                         f"(t must be > 0)")
+    return c
 
 
 class ScoreModel(nn.Module):
@@ -76,6 +90,12 @@ class ScoreModel(nn.Module):
         ``"edm"`` loss weighting).
     t_eps:
         The end time $t_\varepsilon$ of sampling (the reverse SDE / PF ODE stop there).
+    label_dropout:
+        Probability $p_\varnothing \in [0, 1)$ with which training (`diffusion.losses.DSMLoss`)
+        replaces a label by the null label ``net.num_classes``, so that one class-conditional
+        network also learns the unconditional score (classifier-free guidance, `guided_score`).
+        Recorded in the checkpoint; 0 (default) means the null label was never trained, and
+        guidance is refused.
 
     Notes
     -----
@@ -84,7 +104,7 @@ class ScoreModel(nn.Module):
     """
 
     def __init__(self, net: nn.Module, sde, predict: str = "eps", precondition: Optional[str] = None,
-                 sigma_data: float = 1.0, t_eps: float = 1e-3):
+                 sigma_data: float = 1.0, t_eps: float = 1e-3, label_dropout: float = 0.0):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module called as net(x, noise_cond, label=None), got "
@@ -109,6 +129,12 @@ class ScoreModel(nn.Module):
         self.t_eps = check_positive(t_eps, "t_eps")
         if not self.t_eps < sde.T:
             raise ValueError(f"t_eps must lie in (0, T) = (0, {sde.T}); got {t_eps!r}")
+        self.label_dropout = check_positive(label_dropout, "label_dropout", allow_zero=True)
+        if not self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout!r}")
+        if self.label_dropout > 0 and self.num_classes is None:
+            raise ValueError(f"label_dropout={label_dropout!r} needs a class-conditional network (num_classes set); "
+                             f"{type(net).__name__} has num_classes=None")
 
     # -- configuration -------------------------------------------------------------------------
     @property
@@ -116,7 +142,13 @@ class ScoreModel(nn.Module):
         """The model's hyper-parameters (JSON-serialisable except for ``sde``, which is described by
         `sdekit.config.process_config` at save time)."""
         return {"predict": self.predict, "precondition": self.precondition, "sigma_data": self.sigma_data,
-                "t_eps": self.t_eps}
+                "t_eps": self.t_eps, "label_dropout": self.label_dropout}
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """The network's class count (``None``: unconditional); label ``num_classes`` is the null label."""
+        n = getattr(self.net, "num_classes", None)
+        return int(n) if isinstance(n, numbers.Integral) and not isinstance(n, bool) else None
 
     @property
     def event_shape(self) -> Optional[Tuple[int, ...]]:
@@ -163,12 +195,7 @@ class ScoreModel(nn.Module):
         """
         if dtype is None:
             dtype = self._param_like()[0]
-        t64 = t.to(F64) if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=F64)
-        c = -0.5 * self.sde.kernel.log_snr(t64) if self.sde.is_linear else t64
-        if not bool(torch.isfinite(c).all()):
-            raise ValueError(f"the noise condition is not finite at t = {short(t64[~torch.isfinite(c)])} "
-                             f"(t must be > 0)")
-        return c.to(dtype)
+        return noise_condition(self.sde, t).to(dtype)
 
     def _check_x(self, x: torch.Tensor) -> torch.Tensor:
         x = check_state(x, "x")
@@ -241,6 +268,62 @@ class ScoreModel(nn.Module):
 
         return score
 
+    def _class_label(self, label, n: Optional[int] = None):
+        """A class label for conditional sampling: an int or a ``(B,)`` integer tensor in
+        ``[0, num_classes)`` (the null label is not a class)."""
+        C = self.num_classes
+        if C is None:
+            raise ValueError(f"label={label!r} was given but the network {type(self.net).__name__} is unconditional "
+                             f"(num_classes=None)")
+        if isinstance(label, bool) or not isinstance(label, (numbers.Integral, torch.Tensor)):
+            raise TypeError(f"label must be an int or a (B,) integer tensor, got {type(label).__name__}")
+        lab = torch.as_tensor(label)
+        if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
+            raise TypeError(f"label must be an integer (tensor), got dtype {lab.dtype}")
+        bad = (lab < 0) | (lab >= C)
+        if bool(bad.any()):
+            raise ValueError(f"label must lie in [0, {C - 1}] (the model has {C} classes; {C} is the null label, "
+                             f"not a class); got {lab[bad].tolist() if lab.dim() else int(lab)}")
+        if n is not None and lab.dim() == 1 and lab.shape[0] != n:
+            raise ValueError(f"label has {lab.shape[0]} entries but {n} samples are drawn")
+        return label
+
+    def guided_score(self, label, scale: float, *, interval: Optional[Sequence[float]] = None,
+                     noise_level: str = "sigma"):
+        r"""The classifier-free-guided score $s_\varnothing + (1 + w)(s_c - s_\varnothing)$ for ``label``.
+
+        $s_c$ is this model's score with the label, $s_\varnothing$ with the null label
+        (`sdekit.guidance.ClassifierFreeGuidance`: each call costs two network evaluations, one
+        outside the guidance ``interval``, and `sdekit.solve` counts them).
+
+        Parameters
+        ----------
+        label:
+            An int class or a ``(B,)`` integer tensor, in ``[0, num_classes)``.
+        scale:
+            The guidance scale $w$ (finite): 0 is the conditional model, $w > 0$ sharpens the class.
+        interval, noise_level:
+            Guide only where $\bar\sigma = \sigma/m$ (or $\lambda$, ``noise_level="log_snr"``)
+            lies in ``interval = (low, high)``; see `sdekit.guidance`.
+
+        Raises
+        ------
+        ValueError
+            For a label out of range, a NaN or infinite scale, an unconditional network, or a model
+            trained without the null label (``label_dropout == 0``).
+        """
+        from sdekit.guidance import check_scale, classifier_free_guidance
+
+        w = check_scale(scale, "scale")
+        self._class_label(label)
+        if self.label_dropout == 0:
+            raise ValueError("classifier-free guidance needs the unconditional score, i.e. a model trained with "
+                             "label dropout to the null label; this model has label_dropout=0 (never trained on "
+                             "the null label): retrain with ScoreModel(..., label_dropout=0.1), or sample with "
+                             "guidance=None")
+        return classifier_free_guidance(self.score_fn(label), self.score_fn(None), w, sde=self.sde,
+                                        interval=interval, noise_level=noise_level)
+
     @contextlib.contextmanager
     def _inference(self, no_grad: bool):
         was_training = self.training
@@ -263,7 +346,8 @@ class ScoreModel(nn.Module):
                shape: Optional[Sequence[int]] = None, method: str = "dpmpp_2m", steps: Optional[int] = None,
                rtol: Optional[float] = None, atol: Optional[float] = None,
                generator: Optional[torch.Generator] = None, label=None, problem: Optional[str] = None,
-               eta: float = 1.0, t_eps: Optional[float] = None, **options: Any):
+               eta: float = 1.0, t_eps: Optional[float] = None, guidance: Optional[float] = None,
+               guidance_interval: Optional[Sequence[float]] = None, **options: Any):
         r"""Draw samples by solving the reverse SDE or the probability-flow ODE with `sdekit.solve`.
 
         Parameters
@@ -298,6 +382,11 @@ class ScoreModel(nn.Module):
             Noise scale of the reverse SDE family (1 = the reverse-time SDE).
         t_eps:
             End time (default: the model's ``t_eps``).
+        guidance:
+            Classifier-free guidance scale $w$ (needs ``label``; see `guided_score`), or ``None``
+            for the plain (conditional) score. The solver's NFE counts both network evaluations.
+        guidance_interval:
+            ``(low, high)`` in $\bar\sigma = \sigma/m$: guide only there (see `guided_score`).
 
         Returns
         -------
@@ -327,7 +416,15 @@ class ScoreModel(nn.Module):
                                         device=generator.device if generator is not None else device).to(device)
         x_T = self._check_x(x_T)
         t_eps = self.t_eps if t_eps is None else check_positive(t_eps, "t_eps")
-        score = self.score_fn(self._label_for(label, x_T.shape[0], x_T.device))
+        if guidance is not None:
+            if label is None:
+                raise ValueError("guidance needs a label (the class to guide towards)")
+            score = self.guided_score(self._label_for(self._class_label(label, x_T.shape[0]), x_T.shape[0],
+                                                      x_T.device), guidance, interval=guidance_interval)
+        else:
+            if guidance_interval is not None:
+                raise ValueError("guidance_interval was given without guidance (a scale)")
+            score = self.score_fn(self._label_for(label, x_T.shape[0], x_T.device))
         prob = (self.sde.probability_flow(score, t_eps=t_eps) if problem == "probability_flow"
                 else self.sde.reverse(score, eta=eta, t_eps=t_eps))
         with self._inference(no_grad=True):
@@ -474,4 +571,4 @@ class ScoreModel(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"sde={self.sde!r}, predict={self.predict!r}, precondition={self.precondition!r}, "
-                f"sigma_data={self.sigma_data}, t_eps={self.t_eps}")
+                f"sigma_data={self.sigma_data}, t_eps={self.t_eps}, label_dropout={self.label_dropout}")

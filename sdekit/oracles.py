@@ -34,15 +34,16 @@ Outputs have the shape of the input ``x`` (scores, posterior means) or ``(B,)`` 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 
 from ._gaussian import LOG_2PI, gaussian_log_prob
 from .processes import LinearSDE
-from ._validation import TimeLike, as_time, check_bool, check_int, check_state, check_time_range, short, time_for
+from ._validation import (TimeLike, as_time, check_bool, check_int, check_real, check_state, check_time_range, short,
+                          time_for)
 
-__all__ = ["GaussianMixture"]
+__all__ = ["GaussianMixture", "LabelledMixture"]
 
 F64 = torch.float64
 
@@ -436,6 +437,85 @@ class GaussianMixture:
         out = out.reshape((n,) + self.event_shape)
         return out.to(dtype=dtype, device=device if device is not None else gdev)
 
+    # -- conditioning on known coordinates --------------------------------------------------------
+    def _known_mask(self, known) -> torch.Tensor:
+        """``known`` as a boolean ``(d,)`` mask over the flattened coordinates (checked)."""
+        if isinstance(known, torch.Tensor) and known.dtype == torch.bool:
+            mask = known.detach().cpu().reshape(-1)
+            if mask.numel() != self.dim:
+                raise ValueError(f"known must be a boolean mask with {self.dim} entries (one per coordinate, "
+                                 f"event shape {self.event_shape}); got shape {tuple(known.shape)}")
+        else:
+            try:
+                idx = torch.as_tensor(known, dtype=torch.long).reshape(-1)
+            except Exception as exc:
+                raise TypeError(f"known must be a boolean mask or a sequence of coordinate indices, "
+                                f"got {known!r}") from exc
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.dim):
+                raise ValueError(f"known indices must lie in [0, {self.dim - 1}], got {short(idx)}")
+            mask = torch.zeros(self.dim, dtype=torch.bool)
+            mask[idx] = True
+        n = int(mask.sum())
+        if n == 0 or n == self.dim:
+            raise ValueError(f"known must select between 1 and {self.dim - 1} of the {self.dim} coordinates "
+                             f"(some known, some unknown); got {n}")
+        return mask
+
+    def condition(self, known, y) -> "GaussianMixture":
+        r"""The exact posterior $p(x_u \mid x_k = y)$ of the unknown coordinates given known ones.
+
+        Each component is conditioned as a Gaussian and the components are reweighted by how
+        well they explain the observation:
+
+        $$
+            p(x_u \mid x_k = y) = \sum_j \tilde\pi_j\,
+            \mathcal N\big(\mu_{j,u} + \Sigma_{j,uk}\Sigma_{j,kk}^{-1}(y - \mu_{j,k}),
+            \Sigma_{j,uu} - \Sigma_{j,uk}\Sigma_{j,kk}^{-1}\Sigma_{j,ku}\big),\qquad
+            \tilde\pi_j \propto \pi_j\,\mathcal N(y;\ \mu_{j,k}, \Sigma_{j,kk}).
+        $$
+
+        Parameters
+        ----------
+        known:
+            The observed coordinates (of the flattened data): a boolean mask ``(d,)`` or a
+            sequence of indices; at least one coordinate known and one unknown.
+        y:
+            Their observed values, ``(n_known,)`` in the order of the coordinates.
+
+        Returns
+        -------
+        GaussianMixture
+            Over the ``d - n_known`` unknown coordinates (in increasing order), full covariances.
+        """
+        mask = self._known_mask(known)
+        obs = _as_f64(y, "y").reshape(-1)
+        nk = int(mask.sum())
+        if obs.numel() != nk:
+            raise ValueError(f"y must hold the {nk} known coordinates, got {obs.numel()} values "
+                             f"(shape {tuple(torch.as_tensor(y).shape)})")
+        S = self.covariance_matrices()
+        ki, ui = torch.nonzero(mask).flatten(), torch.nonzero(~mask).flatten()
+        log_w, means, covs = [], [], []
+        for j in range(self.n_components):
+            Skk, Suk, Suu = S[j][ki][:, ki], S[j][ui][:, ki], S[j][ui][:, ui]
+            gain = torch.linalg.solve(Skk, Suk.transpose(0, 1)).transpose(0, 1)  # Σ_uk Σ_kk^{-1}
+            means.append(self._mu[j, ui] + gain @ (obs - self._mu[j, ki]))
+            c = Suu - gain @ Suk.transpose(0, 1)
+            covs.append(0.5 * (c + c.transpose(0, 1)))
+            marginal = GaussianMixture(torch.ones(1, dtype=F64), self._mu[j, ki][None], Skk[None])
+            log_w.append(self._log_w[j] + marginal.log_prob(obs[None])[0])
+        lw = torch.stack(log_w)
+        lam, U = torch.linalg.eigh(torch.stack(covs))
+        return GaussianMixture._from_parts(lw - torch.logsumexp(lw, 0), torch.stack(means), "full", lam, U,
+                                           (int(ui.numel()),))
+
+    def _subset(self, components: torch.Tensor) -> "GaussianMixture":
+        """The mixture of the listed components, weights renormalised."""
+        lw = self._log_w[components]
+        return GaussianMixture._from_parts(lw - torch.logsumexp(lw, 0), self._mu[components], self._kind,
+                                           self._lam[components],
+                                           None if self._U is None else self._U[components], self.event_shape)
+
     # -- marginals under a linear SDE ----------------------------------------------------------
     def push(self, sde, t: TimeLike) -> "GaussianMixture":
         r"""The exact marginal $p_t$ at a scalar time t: means $m\mu_k$, covariances
@@ -593,3 +673,215 @@ class GaussianMixture:
             return (P + torch.einsum("bk,bki,bkj->bij", r, dA, dA)).to(x.dtype)
 
         return posterior_covariance
+
+
+LabelLike = Union[int, torch.Tensor]
+
+
+class LabelledMixture(GaussianMixture):
+    r"""A Gaussian mixture whose components carry class labels: exact conditional scores and guidance.
+
+    Component $k$ belongs to class $c_k$; a class is one component or a group of them. With
+    $\pi_c = \sum_{k: c_k = c}\pi_k$ the class prior and $p_0(x \mid c) = \sum_{k: c_k = c}
+    \pi_k\,\mathcal N(\mu_k, \Sigma_k)/\pi_c$, every class-conditional marginal under a linear SDE
+    is again a mixture (the components of class c, pushed by `GaussianMixture.push`), so at every t
+
+    $$
+        \log p_t(c \mid x) = \log\pi_c + \log p_t(x \mid c) - \log p_t(x),\qquad
+        \nabla_x\log p_t(c \mid x) = \nabla_x\log p_t(x \mid c) - \nabla_x\log p_t(x)
+    $$
+
+    are exact, and so is the guided score of scale $w$ (``docs/guidance.md``):
+
+    $$
+        \nabla\log p_t(x) + (1 + w)\,\nabla\log p_t(c \mid x)
+        = (1 + w)\,\nabla\log p_t(x \mid c) - w\,\nabla\log p_t(x).
+    $$
+
+    Every quantity is built from the class sub-mixtures' `GaussianMixture.exact_score` and
+    `GaussianMixture.exact_log_prob` (no formula of its own); the unconditional ones are the
+    inherited methods.
+
+    Parameters
+    ----------
+    weights, means, covs:
+        As for `GaussianMixture`.
+    labels:
+        ``(K,)`` class of each component, integers $0..C-1$ with every class used; ``None``
+        (default): each component is its own class.
+
+    Examples
+    --------
+    >>> import sdekit
+    >>> from sdekit.oracles import LabelledMixture
+    >>> lm = LabelledMixture([0.5, 0.3, 0.2], [[-2.0, 0.0], [2.0, 0.0], [2.0, 2.0]], [0.3, 0.3, 0.3],
+    ...                      labels=[0, 1, 1])
+    >>> guided = lm.exact_guided_score(sdekit.VPSDE(), w=2.0)   # guided(x, t, label)
+    """
+
+    def __init__(self, weights, means, covs, labels: Optional[Sequence[int]] = None):
+        super().__init__(weights, means, covs)
+        self._set_labels(labels)
+
+    @classmethod
+    def from_mixture(cls, mixture: GaussianMixture, labels: Optional[Sequence[int]] = None) -> "LabelledMixture":
+        """Label the components of an existing `GaussianMixture` (``None``: one class per component)."""
+        if not isinstance(mixture, GaussianMixture):
+            raise TypeError(f"mixture must be a sdekit.GaussianMixture, got {type(mixture).__name__}")
+        obj = cls._from_parts(mixture._log_w.clone(), mixture._mu.clone(), mixture._kind, mixture._lam.clone(),
+                              None if mixture._U is None else mixture._U.clone(), mixture.event_shape)
+        obj._set_labels(labels)
+        return obj
+
+    def _set_labels(self, labels) -> None:
+        K = self.n_components
+        if labels is None:
+            lab = torch.arange(K)
+        else:
+            if isinstance(labels, torch.Tensor) and (labels.is_floating_point() or labels.dtype == torch.bool):
+                raise TypeError(f"labels must be integers, got a tensor of dtype {labels.dtype}")
+            try:
+                lab = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+            except Exception as exc:
+                raise TypeError(f"labels must be a sequence of K = {K} integers, got {labels!r}") from exc
+            if lab.numel() != K:
+                raise ValueError(f"labels must give one class per component: {K} entries, got {lab.numel()}")
+            if int(lab.min()) < 0:
+                raise ValueError(f"labels must be >= 0, got {short(lab)}")
+        C = int(lab.max()) + 1
+        empty = [c for c in range(C) if not bool((lab == c).any())]
+        if empty:
+            raise ValueError(f"labels must use every class 0..{C - 1}; class {empty[0]} has no component "
+                             f"(labels = {lab.tolist()})")
+        self.labels = lab
+        self.num_classes = C
+        self._classes = [self._subset(torch.nonzero(lab == c).flatten()) for c in range(C)]
+
+    def __repr__(self):
+        return super().__repr__()[:-1].replace("GaussianMixture", "LabelledMixture", 1) + \
+            f", num_classes={self.num_classes})"
+
+    # -- classes -------------------------------------------------------------------------------
+    @property
+    def class_weights(self) -> torch.Tensor:
+        r"""The class prior $\pi_c$, ``(C,)`` float64."""
+        return torch.stack([torch.exp(torch.logsumexp(self._log_w[self.labels == c], 0))
+                            for c in range(self.num_classes)])
+
+    def class_mixture(self, label: int) -> GaussianMixture:
+        r"""$p_0(x \mid c)$: the components of class ``label``, weights renormalised."""
+        return self._classes[self._check_class(label)]
+
+    def _check_class(self, label) -> int:
+        if isinstance(label, torch.Tensor) and label.numel() == 1 and not label.is_floating_point():
+            label = int(label)
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise TypeError(f"label must be an int class index, got {label!r}")
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"label must lie in [0, {self.num_classes - 1}] (num_classes = {self.num_classes}); "
+                             f"got {label}")
+        return label
+
+    def _labels_for(self, label: LabelLike, batch: int, device) -> torch.Tensor:
+        """``label`` (an int or a ``(B,)`` integer tensor) as a checked ``(B,)`` long tensor."""
+        if isinstance(label, torch.Tensor):
+            if label.is_floating_point() or label.is_complex() or label.dtype == torch.bool:
+                raise TypeError(f"label must be an int or an integer tensor, got dtype {label.dtype}")
+            lab = label.to(device=device, dtype=torch.long)
+            if lab.dim() == 0:
+                lab = lab.expand(batch)
+            if lab.dim() != 1 or lab.shape[0] != batch:
+                raise ValueError(f"label must be an int or a ({batch},) tensor to match x; got shape "
+                                 f"{tuple(label.shape)}")
+            bad = (lab < 0) | (lab >= self.num_classes)
+            if bool(bad.any()):
+                raise ValueError(f"label must lie in [0, {self.num_classes - 1}] (num_classes = "
+                                 f"{self.num_classes}); got {short(lab[bad])}")
+            return lab
+        return torch.full((batch,), self._check_class(label), dtype=torch.long, device=device)
+
+    def sample_labelled(self, n: int, generator: Optional[torch.Generator] = None, dtype: torch.dtype = F64):
+        """``(x, labels)``: ``n`` exact samples of the mixture and their classes (class from the
+        class prior, then the class mixture's sample: same seed, same draw)."""
+        n = check_int(n, "n", 1)
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        lab = torch.multinomial(self.class_weights.to(gdev), n, replacement=True, generator=generator)
+        x = torch.empty((n,) + self.event_shape, dtype=dtype, device=gdev)
+        for c in range(self.num_classes):
+            idx = torch.nonzero(lab == c).flatten()
+            if idx.numel():
+                x[idx] = self._classes[c].sample(int(idx.numel()), generator, dtype=dtype)
+        return x, lab
+
+    def push(self, sde, t: TimeLike) -> "LabelledMixture":
+        """The exact marginal $p_t$ at a scalar time, labels kept (see `GaussianMixture.push`)."""
+        return LabelledMixture.from_mixture(super().push(sde, t), self.labels)
+
+    # -- exact conditional quantities ----------------------------------------------------------
+    def _per_class(self, make: Callable, x: torch.Tensor, t: TimeLike, label: LabelLike) -> torch.Tensor:
+        """Evaluate ``make(class_mixture)(x, t)`` for each sample's class (one call per class present)."""
+        x = check_state(x, "x")
+        lab = self._labels_for(label, x.shape[0], x.device)
+        present = torch.unique(lab).tolist()
+        if len(present) == 1:
+            return make(self._classes[present[0]])(x, t)
+        tb = t[None].expand(x.shape[0]) if isinstance(t, torch.Tensor) and t.dim() == 0 else t
+        parts, order = [], []
+        for c in present:
+            idx = torch.nonzero(lab == c).flatten()
+            tc = tb[idx] if isinstance(tb, torch.Tensor) and tb.dim() == 1 and tb.shape[0] > 1 else tb
+            parts.append(make(self._classes[c])(x[idx], tc))
+            order.append(idx)
+        out = torch.cat(parts)
+        inv = torch.empty_like(torch.cat(order))
+        inv[torch.cat(order)] = torch.arange(x.shape[0], device=x.device)
+        return out[inv]
+
+    def exact_conditional_log_prob(self, sde) -> Callable[[torch.Tensor, TimeLike, LabelLike], torch.Tensor]:
+        r"""``log_prob(x, t, label)`` $= \log p_t(x \mid c)$, ``(B,)``; ``label`` an int or a ``(B,)`` tensor."""
+        sde = _linear_sde(sde)
+        return lambda x, t, label: self._per_class(lambda gm: gm.exact_log_prob(sde), x, t, label)
+
+    def exact_conditional_score(self, sde) -> Callable[[torch.Tensor, TimeLike, LabelLike], torch.Tensor]:
+        r"""``score(x, t, label)`` $= \nabla_x\log p_t(x \mid c)$, shaped like x."""
+        sde = _linear_sde(sde)
+        return lambda x, t, label: self._per_class(lambda gm: gm.exact_score(sde), x, t, label)
+
+    def exact_class_log_posterior(self, sde) -> Callable[[torch.Tensor, TimeLike], torch.Tensor]:
+        r"""``log_posterior(x, t)`` $= \log p_t(c \mid x)$ for every class, ``(B, C)`` (rows sum to 1 in
+        probability); differentiable in x."""
+        sde = _linear_sde(sde)
+        cond = [gm.exact_log_prob(sde) for gm in self._classes]
+        marg = self.exact_log_prob(sde)
+
+        def log_posterior(x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+            log_pc = torch.log(self.class_weights).to(device=x.device, dtype=x.dtype)
+            return torch.stack([f(x, t) for f in cond], 1) + log_pc - marg(x, t)[:, None]
+
+        return log_posterior
+
+    def exact_classifier(self, sde) -> Callable[[torch.Tensor, TimeLike, LabelLike], torch.Tensor]:
+        r"""``log_prob(x, t, label)`` $= \log p_t(c \mid x)$ of the given class, ``(B,)``: the exact
+        noise-conditional classifier (differentiable in x: feed it to classifier guidance)."""
+        post = self.exact_class_log_posterior(sde)
+
+        def log_prob(x: torch.Tensor, t: TimeLike, label: LabelLike) -> torch.Tensor:
+            lab = self._labels_for(label, x.shape[0], x.device)
+            return post(x, t).gather(1, lab[:, None])[:, 0]
+
+        return log_prob
+
+    def exact_classifier_grad(self, sde) -> Callable[[torch.Tensor, TimeLike, LabelLike], torch.Tensor]:
+        r"""``grad(x, t, label)`` $= \nabla_x\log p_t(c \mid x) = \nabla\log p_t(x \mid c) - \nabla\log p_t(x)$."""
+        cond, marg = self.exact_conditional_score(sde), self.exact_score(sde)
+        return lambda x, t, label: cond(x, t, label) - marg(x, t)
+
+    def exact_guided_score(self, sde, w: float) -> Callable[[torch.Tensor, TimeLike, LabelLike], torch.Tensor]:
+        r"""The exact guided score ``score(x, t, label)`` $= \nabla\log p_t(x) + (1 + w)\nabla\log p_t(c \mid x)$.
+
+        $w = 0$ is the conditional score $\nabla\log p_t(x \mid c)$, $w = -1$ the unconditional
+        one. Written here independently of `sdekit.guidance` (which the tests check against it).
+        """
+        w = check_real(w, "w")
+        marg, grad = self.exact_score(sde), self.exact_classifier_grad(sde)
+        return lambda x, t, label: marg(x, t) + (1.0 + w) * grad(x, t, label)

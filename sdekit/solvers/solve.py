@@ -16,7 +16,7 @@ import torch
 
 from ..parameterization import tweedie_mean
 from .plan import Plan, make_plan
-from .stats import Solution
+from .stats import Solution, call_counted
 
 __all__ = ["solve"]
 
@@ -126,12 +126,12 @@ def solve(problem, x: torch.Tensor, t_start: Optional[float] = None, t_end: Opti
 
 
 def _denoise(plan: Plan, sol: Solution) -> None:
-    """Finish with Tweedie's mean at ``t_end`` (one counted score evaluation)."""
+    """Finish with Tweedie's mean at ``t_end`` (one counted score call: its network evaluations)."""
     problem, t1, x = plan.problem, plan.t_end, sol.x
     k = problem.sde.kernel
     t64 = torch.tensor(t1, dtype=F64)
     m, s = float(k.m(t64)), float(k.sigma(t64))
-    sc = problem.score_fn(x, torch.full((x.shape[0],), t1, dtype=x.dtype, device=x.device))
+    sc, n = call_counted(problem.score_fn, x, torch.full((x.shape[0],), t1, dtype=x.dtype, device=x.device))
     sol.x = tweedie_mean(x, sc, m, s * s)
-    sol.stats.nfe += 1
-    sol.stats.extra["denoise_nfe"] = 1
+    sol.stats.nfe += n
+    sol.stats.extra["denoise_nfe"] = n

@@ -3,6 +3,11 @@
 NFE counts calls of the score (or, for a process without a score, the drift) made by the solver,
 including initial-step probes and rejected steps and a final denoising step, excluding a
 backend's own argument-validation calls (see ``docs/concepts.md``, "Errors and validation").
+
+A score that itself calls networks several times (a guided score of `sdekit.guidance`: two
+per classifier-free-guidance call) keeps a running integer ``network_evals`` (`EVALS_ATTR`);
+a call is then counted as the number of evaluations it made (the advance of that counter), so
+NFE counts every network evaluation, not only the solver's calls of the score.
 """
 
 from __future__ import annotations
@@ -13,7 +18,12 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["SolverStats", "Solution", "SolverError", "CountingFunction", "counted_problem"]
+__all__ = ["SolverStats", "Solution", "SolverError", "CountingFunction", "counted_problem", "EVALS_ATTR",
+           "call_counted"]
+
+#: The attribute through which a score callable reports how many network evaluations it has made
+#: so far (an int it keeps increasing); see `call_counted`.
+EVALS_ATTR = "network_evals"
 
 
 @dataclass
@@ -23,7 +33,8 @@ class SolverStats:
     Attributes
     ----------
     nfe:
-        Score (or drift) evaluations, every call counted once per batch.
+        Score (or drift) evaluations, every call counted once per batch; a score keeping a
+        ``network_evals`` counter (guided scores) counts the network evaluations each call made.
     steps:
         Steps attempted (accepted + rejected).
     accepted, rejected:
@@ -116,16 +127,36 @@ class SolverError(RuntimeError):
         self.step, self.t, self.stats = step, t, stats
 
 
+def call_counted(fn: Callable, *args, **kwargs) -> Tuple[Any, int]:
+    """``(fn(*args, **kwargs), evaluations)``: how many network evaluations the call made.
+
+    1 for a plain callable; for one that keeps an integer ``network_evals`` counter
+    (`EVALS_ATTR`), the counter's advance during the call (0, 1, 2, ... — e.g. a
+    classifier-free-guided score outside its guidance interval makes 1, inside it 2).
+    """
+    before = getattr(fn, EVALS_ATTR, None)
+    out = fn(*args, **kwargs)
+    if before is None:
+        return out, 1
+    return out, int(getattr(fn, EVALS_ATTR)) - int(before)
+
+
 class CountingFunction:
-    """Wrap a callable and count its calls in ``self.count`` (a Python int: no device sync)."""
+    """Wrap a callable and count its evaluations in ``self.count`` (a Python int: no device sync):
+    one per call, or, for a score that reports its network evaluations, those (`call_counted`)."""
 
     def __init__(self, fn: Callable):
         self.fn = fn
         self.count = 0
+        self._reports = hasattr(fn, EVALS_ATTR)
 
     def __call__(self, *args, **kwargs):
-        self.count += 1
-        return self.fn(*args, **kwargs)
+        if not self._reports:
+            self.count += 1
+            return self.fn(*args, **kwargs)
+        out, n = call_counted(self.fn, *args, **kwargs)
+        self.count += n
+        return out
 
 
 def counted_problem(problem, check_inputs: Optional[bool] = None) -> Tuple[Any, CountingFunction]:
