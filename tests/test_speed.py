@@ -80,15 +80,18 @@ def test_preconditioned_likelihood_is_exact_and_cheaper(sde):
     both within the tolerance, the preconditioned one with fewer NFE. Deterministic (exact divergence)."""
     from sdekit.likelihood import log_likelihood
 
-    gm, x = _mixture(2, 64)
+    gm, x = _mixture(2, 32)
     t_eps = 1e-5
     exact = gm.exact_log_prob(sde)(x, t_eps)
     pT = gm.push(sde, sde.T)
     kw = dict(t_eps=t_eps, divergence="exact", prior=pT, rtol=1e-5, atol=1e-5)
-    on = log_likelihood(sde, gm.exact_score(sde), x, **kw)
+    auto = log_likelihood(sde, gm.exact_score(sde), x, **kw)
+    assert auto.stats.extra["precondition"] == isinstance(sde, sdekit.VESDE)  # auto: VE-type only
+    on = log_likelihood(sde, gm.exact_score(sde), x, precondition=True, **kw)
     off = log_likelihood(sde, gm.exact_score(sde), x, precondition=False, **kw)
     data = gm.sample(4000, generator=torch.Generator().manual_seed(3))
-    per_dim = log_likelihood(sde, gm.exact_score(sde), x, data_moments=(data.mean(0), data.var(0)), **kw)
+    per_dim = log_likelihood(sde, gm.exact_score(sde), x, precondition=True, data_moments=(data.mean(0), data.var(0)),
+                             **kw)
     assert on.stats.extra["precondition"] and per_dim.stats.extra["precondition"]
     assert not off.stats.extra["precondition"]
     for r in (on, off, per_dim):
