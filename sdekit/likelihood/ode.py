@@ -90,7 +90,9 @@ class LikelihoodResult:
         ``vectors_per_eval`` (VJP vectors per evaluation: ``d`` exact, ``n_probes`` Hutchinson),
         ``score_calls`` (counted at the score itself; equals ``nfe``), ``preflight_evals``
         (the one-sample differentiability check, not in ``nfe``), ``first_step``, ``t_min``,
-        ``t_max``, and ``adjoint`` (live counts of the backward pass, filled by ``backward()``).
+        ``t_max``, ``adjoint`` (live counts of the backward pass, filled by ``backward()``) and
+        ``precondition`` (whether the preconditioned state was integrated; absent on the generic
+        path, where it never is).
     divergence:
         ``"exact"`` or ``"hutchinson"`` (what ``"auto"`` resolved to).
     n_probes:
