@@ -128,6 +128,8 @@ def test_precondition_option_is_checked():
 
     gm, x = _mixture(2, 4)
     sde = sdekit.VESDE()
+    r = log_likelihood(sde, gm.exact_score(sde), x, backend="torchdiffeq", divergence="exact")
+    assert r.stats.extra["precondition"] is False  # the generic path never preconditions
     with pytest.raises(ValueError, match="precondition=True needs"):
         log_likelihood(sde, gm.exact_score(sde), x, precondition=True, backend="torchdiffeq")
     with pytest.raises(ValueError, match="precondition must be"):

@@ -91,8 +91,7 @@ class LikelihoodResult:
         ``score_calls`` (counted at the score itself; equals ``nfe``), ``preflight_evals``
         (the one-sample differentiability check, not in ``nfe``), ``first_step``, ``t_min``,
         ``t_max``, ``adjoint`` (live counts of the backward pass, filled by ``backward()``) and
-        ``precondition`` (whether the preconditioned state was integrated; absent on the generic
-        path, where it never is).
+        ``precondition`` (whether the preconditioned state was integrated).
     divergence:
         ``"exact"`` or ``"hutchinson"`` (what ``"auto"`` resolved to).
     n_probes:
@@ -663,7 +662,9 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
         if e.stats is not None:
             e.stats.extra["score_calls"] = counter.count
         raise
-    return _assemble(req, sde, z64, delta, info, tic, counter, method, probe)
+    res = _assemble(req, sde, z64, delta, info, tic, counter, method, probe)
+    res.stats.extra["precondition"] = False
+    return res
 
 
 def _assemble(req: "_Request", sde: SDE, z64: torch.Tensor, delta: torch.Tensor, info: Dict[str, Any], tic: float,
