@@ -120,7 +120,21 @@ def hutchinson_divergence_of(out: torch.Tensor, x: torch.Tensor, probes: torch.T
     prod = (g * probes).reshape(K, B, -1)
     # sum over the data dimension as a matrix-vector product: on the CPU a reduction over a short
     # trailing axis (d = 2) costs ~8x a product with a ones vector
-    return (prod @ torch.ones(prod.shape[-1], dtype=prod.dtype, device=prod.device)).transpose(0, 1)
+    return (prod @ _ones(prod.shape[-1], prod.dtype, prod.device)).transpose(0, 1)
+
+
+_ONES: dict = {}
+
+
+def _ones(n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A cached ones vector (read-only use: the divergence is evaluated at every solver stage)."""
+    key = (n, dtype, torch.device(device))
+    v = _ONES.get(key)
+    if v is None:
+        if len(_ONES) > 64:
+            _ONES.clear()
+        v = _ONES[key] = torch.ones(n, dtype=dtype, device=device)
+    return v
 
 
 def _prepare(fn: Callable, x: torch.Tensor):

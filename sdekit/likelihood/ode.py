@@ -42,7 +42,7 @@ from .._defaults import LIKELIHOOD_T_EPS
 from .._gaussian import gaussian_log_prob
 from ..dynamics import evaluate_score
 from ..processes import SDE, LinearSDE
-from ..solvers.integrate import ODE_BACKENDS, ODE_METHODS, integrate_ode, resolve_norm
+from ..solvers.integrate import ODE_BACKENDS, ODE_METHODS, _native_blockers, integrate_ode, resolve_norm
 from ..solvers.stats import CountingFunction, SolverError, SolverStats
 from .divergence import (
     PROBES,
@@ -92,7 +92,8 @@ class LikelihoodResult:
         ``vectors_per_eval`` (VJP vectors per evaluation: ``d`` exact, ``n_probes`` Hutchinson),
         ``score_calls`` (counted at the score itself; equals ``nfe``), ``preflight_evals``
         (the one-sample differentiability check, not in ``nfe``), ``first_step``, ``t_min``,
-        ``t_max``, and ``adjoint`` (live counts of the backward pass, filled by ``backward()``).
+        ``t_max``, ``adjoint`` (live counts of the backward pass, filled by ``backward()``) and
+        ``precondition`` (whether the preconditioned state was integrated).
     divergence:
         ``"exact"`` or ``"hutchinson"`` (what ``"auto"`` resolved to).
     n_probes:
@@ -314,6 +315,170 @@ class _AugmentedField(torch.nn.Module):
         return v, div
 
 
+class _FlatLinearField:
+    r"""The augmented field of a linear SDE on one flat float64 state ``[u | δ]`` ``(B, d + K)``,
+    for the native integrator (no gradient through the solve).
+
+    The state is the *preconditioned* data coordinate
+    $u = (x - m(t)\mu)/\nu(t)$, $\nu^2 = m^2 c^2 + \sigma^2$ (per dimension), whose velocity
+    $\dot u = -\frac{g^2}{2\nu}\big(s(x, t) + u/\nu\big)$ vanishes for Gaussian data
+    $N(\mu, c^2)$, and $\dot\delta = \nabla_u\cdot\dot u = -\frac{g^2}{2}\big(\nabla\cdot s +
+    \sum_i \nu_i^{-2}\big)$ (derivation and the $\log|\det|$ term: `log_likelihood`,
+    ``docs/likelihood.md``). With preconditioning off it is the plain PF field
+    $\dot x = f x - \frac{g^2}{2} s$, $\dot\Delta = f d - \frac{g^2}{2}\nabla\cdot s$.
+
+    Per evaluation: the kernel coefficients as Python floats (computed for all stage times of a
+    step at once when ``t`` is a view of the integrator's stage-time vector, else at ``t``), one
+    cast of the state to the data's dtype, the score and its VJP(s), and two or three passes that
+    write straight into one new ``(B, d + K)`` output (no tuple state, no ``cat``, no float64
+    copies of the score inside the autograd graph). Scalar moments (the default) keep $\nu$ a
+    float; per-dimension moments make it a ``(d,)`` tensor.
+    """
+
+    def __init__(self, sde: LinearSDE, score: Callable, x: torch.Tensor, mode: str, probes: Optional[torch.Tensor],
+                 K: int, mean: Optional[torch.Tensor], var: Optional[torch.Tensor]):
+        self.kernel, self.score, self.mode, self.probes, self.K = sde.kernel, score, mode, probes, K
+        self.shape = tuple(x.shape)
+        self.B, self.d = self.shape[0], math.prod(self.shape[1:])
+        self.dtype = x.dtype
+        self.pre = var is not None
+        self.scalar = False
+        if self.pre:
+            mean, var = mean.to(F64), var.to(F64)
+            if mean.dim() == 0 and var.dim() == 0:
+                self.scalar, self.mean, self.var = True, float(mean), float(var)
+            else:  # per-dimension moments, flattened to (d,)
+                self.mean = torch.broadcast_to(mean, self.shape[1:]).reshape(self.d).to(x.device).clone()
+                self.var = torch.broadcast_to(var, self.shape[1:]).reshape(self.d).to(x.device).clone()
+        self._base: Optional[torch.Tensor] = None  # the stage-time vector whose coefficients are cached
+        self._rows: list = []
+
+    def _coefficients(self, t: torch.Tensor) -> Tuple[float, float, float, float]:
+        """``m, σ², f, g²`` at ``t`` as floats, from the kernel's own formulas. The native integrator
+        passes each stage time as a 0-d view of one stage-time vector per step: its coefficients
+        are computed for the whole vector at the first stage (one vectorised call) and looked up
+        for the others (the vector is held, so it cannot be recycled while cached)."""
+        base = t._base
+        if base is not None and base.dim() == 1 and t.dim() == 0 and base.dtype == F64:
+            if base is not self._base:
+                k = self.kernel
+                self._rows = torch.stack([k.m(base), k.sigma2(base), k.f(base), k.g2(base)], 1).tolist()
+                self._base = base
+            return self._rows[t.storage_offset() - base.storage_offset()]
+        k = self.kernel
+        return float(k.m(t)), float(k.sigma2(t)), float(k.f(t)), float(k.g2(t))
+
+    def _nu(self, m: float, s2: float):
+        r"""$\nu = \sqrt{m^2 c^2 + \sigma^2}$: a float (scalar moments) or a ``(d,)`` tensor."""
+        if self.scalar:
+            return math.sqrt(m * m * self.var + s2)
+        return (self.var * (m * m) + s2).sqrt_()
+
+    def to_x(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        r"""$x = \nu u + m\mu$ (the identity without preconditioning)."""
+        if not self.pre:
+            return u
+        m, s2, _, _ = self._coefficients(t)
+        return u * self._nu(m, s2) + self.mean * m
+
+    def from_x(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        r"""$u = (x - m\mu)/\nu$."""
+        if not self.pre:
+            return x
+        m, s2, _, _ = self._coefficients(t)
+        return (x - self.mean * m) / self._nu(m, s2)
+
+    def log_nu_sum(self, t: torch.Tensor) -> float:
+        r"""$\sum_i \log\nu_i(t)$ (0 without preconditioning)."""
+        if not self.pre:
+            return 0.0
+        m, s2, _, _ = self._coefficients(t)
+        nu = self._nu(m, s2)
+        return self.d * math.log(nu) if self.scalar else float(nu.log().sum())
+
+    def _per_sample(self, t: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The same field with one time per row (per-sample stepping, ``norm="independent"``):
+        ``t`` is ``(n,)``, ``y`` the ``(n, d + K)`` running rows, ``index`` their positions in the
+        batch (for their Hutchinson probes)."""
+        n, d = y.shape[0], self.d
+        k = self.kernel
+        t64 = t.to(F64)
+        m, s2, f, g2 = (v.reshape(n, 1) for v in (k.m(t64), k.sigma2(t64), k.f(t64), k.g2(t64)))
+        c = -0.5 * g2
+        u = y[:, :d]
+        nu = None
+        if not self.pre:
+            xin = u
+        else:
+            nu = torch.sqrt(m * m * self.var + s2)  # (n, 1) for scalar moments, (n, d) per dimension
+            xin = u * nu + m * self.mean
+        with torch.enable_grad():
+            xu = xin.to(self.dtype).reshape((n,) + self.shape[1:]).detach().requires_grad_(True)
+            s = self.score(xu, t.to(self.dtype))
+            if not isinstance(s, torch.Tensor) or s.shape != xu.shape:
+                raise ValueError(f"score(x, t) must return a tensor shaped like x {tuple(xu.shape)}, got "
+                                 f"{getattr(s, 'shape', type(s).__name__)}")
+            if self.mode == "exact":
+                div = exact_divergence_of(s, xu).unsqueeze(1)
+            else:
+                div = hutchinson_divergence_of(s, xu, self.probes[:, index])
+        s = s.detach().reshape(n, d).to(F64)
+        div = div.detach().to(F64)
+        if not self.pre:  # x' = f x - (g²/2) s;  Δ' = f d - (g²/2) div s
+            return torch.cat([f * u + c * s, f * d + c * div], 1)
+        inv = nu.reciprocal()  # u' = -(g²/(2ν)) (s + u/ν);  δ' = -(g²/2) (div s + Σ 1/ν²)
+        trace = d * inv.square() if self.scalar else inv.square().sum(1, keepdim=True)
+        return torch.cat([(c * inv) * (s + u * inv), c * (div + trace)], 1)
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if t.dim() == 1:  # per-sample stepping: one time per running row
+            return self._per_sample(t, y, index)
+        B, d = self.B, self.d
+        m, s2, f, g2 = self._coefficients(t)
+        c = -0.5 * g2
+        u = y[:, :d]
+        if not self.pre:
+            xin = u
+        elif self.scalar:
+            nu = math.sqrt(m * m * self.var + s2)
+            xin = u * nu if self.mean == 0.0 else torch.add(u, m * self.mean / nu).mul_(nu)
+        else:
+            nu = self._nu(m, s2)
+            xin = torch.addcmul(self.mean * m, u, nu)
+        with torch.enable_grad():
+            xu = xin.to(self.dtype).reshape(self.shape).detach().requires_grad_(True)
+            s = self.score(xu, t.to(self.dtype).expand(B))
+            if not isinstance(s, torch.Tensor) or s.shape != xu.shape:
+                raise ValueError(f"score(x, t) must return a tensor shaped like x {self.shape}, got "
+                                 f"{getattr(s, 'shape', type(s).__name__)}")
+            if self.mode == "exact":
+                div = exact_divergence_of(s, xu).unsqueeze(1)
+            else:
+                div = hutchinson_divergence_of(s, xu, self.probes)
+        out = torch.empty(B, d + self.K, dtype=F64, device=y.device)
+        ox, od = out[:, :d], out[:, d:]
+        s = s.detach().reshape(B, d)
+        if not self.pre:  # x' = f x - (g²/2) s;  Δ' = f d - (g²/2) div s
+            torch.mul(s, c, out=ox)
+            if f != 0.0:
+                ox.add_(u, alpha=f)
+            torch.mul(div.detach(), c, out=od)
+            if f != 0.0:
+                od.add_(f * d)
+        elif self.scalar:  # u' = -(g²/(2ν)) (s + u/ν);  δ' = -(g²/2) (div s + d/ν²)
+            torch.add(s, u, alpha=1.0 / nu, out=ox)
+            ox.mul_(c / nu)
+            torch.add(div.detach(), d / (nu * nu), out=od)
+            od.mul_(c)
+        else:
+            inv = nu.reciprocal_()
+            torch.addcmul(s, u, inv, out=ox)
+            ox.mul_(inv.mul(c))
+            torch.add(div.detach(), float(inv.square().sum()), out=od)
+            od.mul_(c)
+        return out
+
+
 def _graph_leaves(out: torch.Tensor, exclude: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     """Leaf tensors requiring grad that ``out`` depends on (its AccumulateGrad nodes), except ``exclude``."""
     seen, found, ids = set(), [], {id(exclude)}
@@ -374,7 +539,8 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
                    n_probes: int = 1, generator: Optional[torch.Generator] = None, adjoint: bool = False,
                    norm: str = "auto", prior: Any = None, exact_dim_limit: int = 16,
                    max_steps: Optional[int] = None, params: Optional[Sequence[torch.Tensor]] = None,
-                   options: Optional[Dict[str, Any]] = None, backend: str = "auto") -> LikelihoodResult:
+                   options: Optional[Dict[str, Any]] = None, backend: str = "auto",
+                   precondition: Union[bool, str] = "auto", data_moments: Any = None) -> LikelihoodResult:
     r"""Log-likelihood $\log p_{t_\varepsilon}(x)$ (nats per sample) by the probability-flow ODE.
 
     Integrates $dx/dt = v$, $d\Delta/dt = \nabla\cdot v$ from $t_\varepsilon$ to
@@ -456,6 +622,26 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
         backpropagation through the solver, ``adjoint=True``). ``"auto"`` (default): native where
         it applies on the CPU, else torchdiffeq (on CUDA the native path works but has not been
         timed yet, so it is opt-in there). ``stats.backend`` says which ran.
+    precondition:
+        Integrate the Gaussian-preconditioned state $u = (x - m(t)\mu)/\nu(t)$ instead of $x$
+        (see Notes). ``"auto"`` (default): on for a drift-free (variance-exploding, $f \equiv 0$)
+        process when the solve runs the native linear path (a `LinearSDE`, ``dopri5``/``bosh3``,
+        no gradient or adjoint, backend ``"auto"`` on the CPU or ``"native"``); off otherwise.
+        ``True``: on wherever the native linear path runs (``ValueError`` where it cannot).
+        ``False``: integrate $x$. ``stats.extra["precondition"]`` says whether it ran. Measured
+        (``benchmarks/likelihood_ve.py``, exact mixture score, tol 1e-5): VE 116 → 80 NFE with
+        3.7× lower mean error at d = 2 (68 with the data's moments), 140 → 134 at d = 64 (128);
+        on VP and cosine VP the default moments make it the identity ($m^2 + \sigma^2 = 1$);
+        sub-VP 62 → 50 NFE but 4× the error at d = 2 — hence only VE-type processes by default.
+    data_moments:
+        ``(mean, var)`` per dimension (numbers or tensors broadcastable to one sample's shape) or a
+        `GaussianDataPrior`: the $\mu, c^2$ of the preconditioning — e.g. the training set's
+        moments (`GaussianDataPrior.from_data`). Default: the moments of ``prior`` when it is a
+        `GaussianDataPrior` / ``("gaussian", mean, var)``, else $\mu = 0$, $c^2 = 1$ (data
+        standardised, the convention of the built-in processes; for VE this is
+        $u = x/\sqrt{1 + \sigma^2}$, EDM's input scaling). Never estimated from the batch: a
+        sample's result must not depend on what else is in its batch. Any moments give the same
+        log-density up to the solver error; better ones give fewer steps.
 
     Returns
     -------
@@ -468,6 +654,36 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
         ``exact_dim_limit``, a score that is not differentiable in ``x``), before the solve.
     SolverError
         The solve failed (non-finite state, ``max_steps``), with the step, time and partial stats.
+
+    Notes
+    -----
+    **Preconditioned state.** With per-dimension constants $\mu, c^2$ let
+    $\nu(t)^2 = m(t)^2c^2 + \sigma(t)^2$ (the marginal variance of Gaussian data $N(\mu, c^2)$)
+    and $u = (x - m\mu)/\nu$. From $\dot x = f x - \frac{g^2}{2}s$, $\dot m = f m$ and
+    $\frac{d}{dt}\nu^2 = 2f\nu^2 + g^2$ (as $\frac{d}{dt}\sigma^2 = 2f\sigma^2 + g^2$),
+
+    $$
+        \dot u = \frac{\dot x - \dot m\mu - \dot\nu u}{\nu}
+                = -\frac{g^2}{2\nu}\Big(s(x, t) + \frac{u}{\nu}\Big),
+    $$
+
+    i.e. the score minus the score $-(x - m\mu)/\nu^2$ of the Gaussian with the data's
+    moments: zero for Gaussian data, small and slowly varying for data near it, so the adaptive
+    solver takes fewer steps (for VE, $x$ itself grows like $\sigma$ and its relative error control
+    loosens; $u$ stays $O(1)$). The divergence in $u$ is
+    $\nabla_u\cdot\dot u = -\frac{g^2}{2}\big(\nabla_x\cdot s + \sum_i\nu_i^{-2}\big)
+    = \nabla_x\cdot v - \sum_i\dot\nu_i/\nu_i$. Since $x = \nu u + m\mu$ is a per-dimension affine map,
+    $\log p^x_t(x) = \log p^u_t(u) - \sum_i\log\nu_i(t)$ (the $\log|\det|$ of the map), and
+    integrating $\delta = \int\nabla_u\cdot\dot u\,dt$ from $t_\varepsilon$ to $T$,
+
+    $$
+        \log p_{t_\varepsilon}(x) = \log p_T(x_T) + \delta_T
+            + \sum_i \log\frac{\nu_i(T)}{\nu_i(t_\varepsilon)},\qquad x_T = \nu(T)u_T + m(T)\mu .
+    $$
+
+    ``delta_log_prob`` reports $\delta_T + \sum_i\log(\nu_i(T)/\nu_i(t_\varepsilon))$, which is
+    $\int\nabla_x\cdot v\,dt$ as without preconditioning. The Hutchinson estimate is of
+    $\nabla_x\cdot s$ in both cases (the $\nu$ terms are exact), so its variance is unchanged.
 
     Examples
     --------
@@ -487,6 +703,10 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
 
     # ---- set up ----------------------------------------------------------------------------------
     counter = CountingFunction(score)
+    fast = _fast_path(sde, x, method, norm, backend, adjoint, req.wants_grad, options)
+    moments = _resolve_moments(precondition, data_moments, prior, sde, x, fast)
+    if fast:
+        return _solve_flat(sde, counter, req, method, norm, backend, max_steps, options, generator, probe, moments)
     pf = sde.probability_flow(counter, t_eps)
     pf.check_inputs = False  # the integrators keep every t in [t_eps, T]
     probes = draw_probes(tuple(x.shape), K, probe, generator, x.dtype, x.device) if mode == "hutchinson" else None
@@ -503,6 +723,15 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
         if e.stats is not None:
             e.stats.extra["score_calls"] = counter.count
         raise
+    res = _assemble(req, sde, z64, delta, info, tic, counter, method, probe, norm)
+    res.stats.extra["precondition"] = False
+    return res
+
+
+def _assemble(req: "_Request", sde: SDE, z64: torch.Tensor, delta: torch.Tensor, info: Dict[str, Any], tic: float,
+              counter: CountingFunction, method: str, probe: str, norm: str) -> LikelihoodResult:
+    """The `LikelihoodResult` of a finished solve: prior term, checks, stderr, statistics."""
+    x, t_eps, mode, K, d, B = req.x, req.t_eps, req.mode, req.n_probes, req.d, int(req.x.shape[0])
     prior_lp = req.prior_fn(z64)
     if not isinstance(prior_lp, torch.Tensor) or tuple(prior_lp.shape) != (B,):
         raise ValueError(f"prior log_prob(z) must return a (B,) = ({B},) tensor, got "
@@ -537,6 +766,102 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
                             n_probes=K if mode == "hutchinson" else 0,
                             probe=probe if mode == "hutchinson" else None, delta_per_probe=delta, dim=d,
                             t_eps=t_eps)
+
+
+def _fast_path(sde: SDE, x: torch.Tensor, method: str, norm: str, backend: str, adjoint: bool, wants_grad: bool,
+               options) -> bool:
+    """Whether the solve runs `_FlatLinearField` on the native integrator: a linear SDE, no
+    gradient, a native method and options, and the native backend chosen (``"auto"`` on the CPU)."""
+    if not isinstance(sde, LinearSDE) or backend == "torchdiffeq":
+        return False
+    if _native_blockers(method, wants_grad, adjoint, norm, options):
+        return False
+    return backend == "native" or x.device.type == "cpu"
+
+
+#: times (evenly spaced over [0, T]) at which ``precondition="auto"`` checks that the drift vanishes
+_DRIFT_PROBE_TIMES = 33
+
+
+def _drift_free(sde: LinearSDE) -> bool:
+    r"""Whether $f(t) = 0$ (a variance-exploding process: $m \equiv 1$, the scale of $x$ grows like
+    $\sigma(t)$), checked on `_DRIFT_PROBE_TIMES` times. ``precondition="auto"`` switches the
+    preconditioned state on exactly for these processes: measured (``benchmarks/likelihood_ve.py``)
+    fewer NFE at lower error on VE; on the VP family the default moments make it the identity, and
+    on sub-VP it saved NFE at a larger error (so there it is opt-in)."""
+    t = torch.linspace(0.0, float(sde.T), _DRIFT_PROBE_TIMES, dtype=F64)
+    with torch.no_grad():
+        return bool((sde.kernel.f(t) == 0).all())
+
+
+def _resolve_moments(precondition, data_moments, prior, sde: SDE, x: torch.Tensor, fast: bool
+                     ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The per-dimension data moments ``(μ, c²)`` of the preconditioned state, or None (off)."""
+    if not (isinstance(precondition, bool) or precondition == "auto"):
+        raise ValueError(f"precondition must be True, False or 'auto', got {precondition!r}")
+    if data_moments is not None:
+        if isinstance(data_moments, GaussianDataPrior):
+            g = data_moments
+        elif isinstance(data_moments, tuple) and len(data_moments) == 2:
+            g = GaussianDataPrior(*data_moments)
+        else:
+            raise TypeError(f"data_moments must be (mean, var) or a GaussianDataPrior, got {short(data_moments)}")
+        mean, var = g.mean.detach(), g.var.detach()
+        try:
+            ok = torch.broadcast_shapes(mean.shape, var.shape, x.shape[1:]) == x.shape[1:]
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"data_moments mean {tuple(mean.shape)} / var {tuple(var.shape)} do not broadcast to "
+                             f"one sample's shape {tuple(x.shape[1:])}")
+    if precondition is False:
+        return None
+    if not fast:
+        if precondition is True:
+            raise ValueError("precondition=True needs the native solve of a linear SDE without gradients (a "
+                             "LinearSDE, method 'dopri5' or 'bosh3', no adjoint, no gradient wanted, backend "
+                             "'auto' on the CPU or 'native'); pass precondition=False or 'auto'")
+        return None
+    if precondition == "auto" and not _drift_free(sde):
+        return None
+    if data_moments is None:
+        if isinstance(prior, GaussianDataPrior):
+            return prior.mean.detach(), prior.var.detach()
+        if isinstance(prior, tuple) and len(prior) == 3 and prior[0] == "gaussian":
+            g = GaussianDataPrior(prior[1], prior[2])
+            return g.mean.detach(), g.var.detach()
+        # the standardised-data convention: mean 0, variance 1 per dimension (for VE, u = x / sqrt(1 + sigma^2))
+        return torch.zeros((), dtype=F64), torch.ones((), dtype=F64)
+    return mean, var
+
+
+def _solve_flat(sde: LinearSDE, counter: CountingFunction, req: "_Request", method: str, norm: str, backend: str,
+                max_steps, options, generator, probe: str,
+                moments: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> LikelihoodResult:
+    """`log_likelihood` on one flat float64 state ``[u | δ]`` with `_FlatLinearField`."""
+    x, t_eps, mode, K, d, B = req.x, req.t_eps, req.mode, req.n_probes, req.d, int(req.x.shape[0])
+    probes = draw_probes(tuple(x.shape), K, probe, generator, x.dtype, x.device) if mode == "hutchinson" else None
+    mean, var = moments if moments is not None else (None, None)
+    field_ = _FlatLinearField(sde, counter, x, mode, probes, K, mean, var)
+    t0 = torch.tensor(t_eps, dtype=F64, device=x.device)
+    t1 = torch.tensor(sde.T, dtype=F64, device=x.device)
+    u0 = field_.from_x(x.detach().to(F64).reshape(B, d), t0)
+    y0 = torch.cat([u0, torch.zeros(B, K, dtype=F64, device=x.device)], 1)
+    tic = time.perf_counter()
+    try:
+        y1, info = integrate_ode(field_, y0, t_eps, sde.T, method=method, rtol=req.rtol, atol=req.atol, norm=norm,
+                                 backend="native", max_steps=max_steps, options=options,
+                                 segments=(d,), sample_index=norm == "independent")
+    except SolverError as e:
+        if e.stats is not None:
+            e.stats.extra["score_calls"] = counter.count
+        raise
+    z64 = field_.to_x(y1[:, :d], t1).reshape(x.shape)
+    # the log|det| of u -> x at both ends: log p_x = log p_u - sum log nu (see docs/likelihood.md)
+    delta = y1[:, d:] + (field_.log_nu_sum(t1) - field_.log_nu_sum(t0))
+    res = _assemble(req, sde, z64, delta, info, tic, counter, method, probe, norm)
+    res.stats.extra["precondition"] = moments is not None
+    return res
 
 
 @dataclass(frozen=True)

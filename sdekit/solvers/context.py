@@ -10,8 +10,7 @@ the non-finite check.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -31,11 +30,11 @@ def _unaliased(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@dataclass(frozen=True)
-class Coefs:
+class Coefs(NamedTuple):
     r"""Kernel coefficients at one time, as Python floats. ``score_coef`` is $c(t)$ of the
     problem's drift $f(t)x + c(t)s(x, t)$ (`affine_coefficients`:
-    PF $-g^2/2$, reverse SDE $-(1+\eta^2)g^2/2$; 0 for a forward SDE)."""
+    PF $-g^2/2$, reverse SDE $-(1+\eta^2)g^2/2$; 0 for a forward SDE). A named tuple: a grid
+    of 1000 times builds in a third of a frozen dataclass's time."""
 
     t: float
     m: float
@@ -72,7 +71,10 @@ class Context:
                       "pf" if isinstance(problem, ProbabilityFlowODE) else "forward")
         self._coefs: Dict[float, Coefs] = {}
         self._transitions: Dict[Tuple[float, float], Tuple[float, float]] = {}
-        self._tvec: Dict[float, torch.Tensor] = {}
+        # the (B,) time tensors score(x, t) receives, for every grid time at once: one expanded
+        # (stride-0, no per-step allocation; in-place writes to it raise) view per time
+        self._tvec: Dict[float, torch.Tensor] = dict(zip(self.ts, grid.to(dtype=x.dtype, device=x.device)
+                                                         .unsqueeze(1).expand(-1, self.B).unbind(0)))
         self._gen = generator
         self._brownian = brownian
         self._save_idx = save_idx
@@ -80,17 +82,12 @@ class Context:
         self._check_every = check_every
         self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self._noise_buf: Optional[torch.Tensor] = None
-        if self.linear:
-            self.prepare(self.ts)
+        self._grid_prepared = False  # the grid's coefficients are computed on first use
 
     # -- coefficients --------------------------------------------------------------------------
-    def prepare(self, times: Iterable[float]) -> None:
-        """Compute kernel coefficients for ``times`` in one vectorised float64 call."""
-        new = [float(t) for t in times if float(t) not in self._coefs]
-        if not new or not self.linear:
-            return
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """``(len(t), 7)`` float64: m, sigma, f, g2, lambda, eta, score_coef at the times ``t``."""
         k = self.sde.kernel
-        t = torch.tensor(new, dtype=F64)
         with torch.no_grad():
             m, s2, f, g2 = k.m(t), k.sigma2(t), k.f(t), k.g2(t)
             lam = k.log_snr(t)
@@ -101,9 +98,16 @@ class Context:
             # the drift's score coefficient from the one place that defines it
             score_c = (self.problem.affine_coefficients(t)[1].expand_as(t) if self._mode in ("reverse", "pf")
                        else torch.zeros_like(t))
-        rows = torch.stack([m, s2.sqrt(), f, g2, lam, eta, score_c], 1).tolist()
-        for ti, r in zip(new, rows):
-            self._coefs[ti] = Coefs(ti, *r)
+            return torch.stack([m, s2.sqrt(), f, g2, lam, eta, score_c], 1)
+
+    def prepare(self, times: Iterable[float]) -> None:
+        """Compute kernel coefficients for ``times`` in one vectorised float64 call."""
+        new = [float(t) for t in times if float(t) not in self._coefs]
+        if not new or not self.linear:
+            return
+        rows = self._rows(torch.tensor(new, dtype=F64)).tolist()
+        make = Coefs._make
+        self._coefs.update(zip(new, (make((ti, *r)) for ti, r in zip(new, rows))))
 
     def transition(self, t: float, s: float) -> Tuple[float, float]:
         """``(a, b^2)`` of the forward kernel from ``s`` to ``t`` (`Kernel.transition`), as floats.
@@ -124,7 +128,11 @@ class Context:
         """Coefficients at time ``t`` (computed on demand if not prepared)."""
         c = self._coefs.get(t)
         if c is None:
-            self.prepare([t])
+            if not self._grid_prepared and self.linear:  # first use: the whole grid in one call
+                self._grid_prepared = True
+                self.prepare(self.ts + [t])
+            else:
+                self.prepare([t])
             c = self._coefs[t]
         return c
 
@@ -135,6 +143,36 @@ class Context:
             v = torch.full((self.B,), t, dtype=self.dtype, device=self.device)
             self._tvec[t] = v
         return v
+
+    def linear_sde_steps(self) -> Optional[Tuple[List[torch.Tensor], List[float], List[float], List[float]]]:
+        r"""Per-step float coefficients of Euler–Maruyama on a linear reverse SDE, or None.
+
+        Step ``i`` from ``t`` to ``s`` ($h = s - t$) is
+        $x \leftarrow a_i\,(x + c_i\,\hat s(x, t)) + \sigma_i z$ with $a_i = 1 + h f(t)$,
+        $c_i = h\,\mathrm{score\_coef}(t)/a_i$, $\sigma_i = \eta(t)\sqrt{g^2(t)|h|}$ — the
+        update $x + h(f x + \mathrm{score\_coef}\,\hat s) + \eta g\sqrt{|h|}z$ regrouped into two
+        in-place passes (and the noise add). Returns ``(t_vecs, a, c, sigma)`` (lists of length
+        ``n``) when that fast path applies: a linear reverse SDE, no shared Brownian path, one
+        generator (or none) on the state's device, and every $a_i$ finite and non-zero.
+        """
+        if not self.linear or self._mode != "reverse" or self._brownian is not None:
+            return None
+        g = self._gen
+        if g is not None and (not isinstance(g, torch.Generator) or g.device != self.device):
+            return None
+        t = self.grid[:-1].to(device="cpu", dtype=F64)
+        h = torch.diff(self.grid.to(device="cpu", dtype=F64))
+        with torch.no_grad():
+            f, score_c = self.problem.affine_coefficients(t)  # the drift's split, from its one definition
+            g2 = self.sde.kernel.g2(t)
+            eta = torch.as_tensor(self._eta(t), dtype=F64).expand_as(t) if self._eta is not None else 1.0
+        if self._eta is not None and not bool((torch.isfinite(eta) & (eta >= 0)).all()):
+            raise ValueError(f"eta(t) must be finite and >= 0 at every solver time; got {eta.tolist()[:8]}")
+        a = 1.0 + h * f
+        if not bool((torch.isfinite(a) & (a != 0.0)).all()):
+            return None
+        tv = [self._tvec[ti] for ti in self.ts[:-1]]
+        return tv, a.tolist(), (h * score_c / a).tolist(), (eta * (g2 * h.abs()).sqrt()).tolist()
 
     # -- evaluations (counted) -----------------------------------------------------------------
     def score(self, x: torch.Tensor, t: float) -> torch.Tensor:
@@ -226,6 +264,8 @@ class Context:
         if i >= 0:
             self.fail(i)
 
-    def fail(self, i: int) -> None:
+    def fail(self, i: int, note: str = "") -> None:
+        """Raise the `SolverError` for a non-finite state after step ``i`` (at ``ts[i + 1]``)."""
         self.stats.nfe = self.counter.count
-        raise SolverError("the state became non-finite (NaN or inf)", step=i, t=self.ts[i + 1], stats=self.stats)
+        raise SolverError("the state became non-finite (NaN or inf)" + note, step=i, t=self.ts[i + 1],
+                          stats=self.stats)

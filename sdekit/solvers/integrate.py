@@ -32,7 +32,8 @@ def integrate_ode(field: Callable[[torch.Tensor, State], State], y0: State, t_st
                   method: str = "dopri5", rtol: float, atol: float, norm: str = "batch", backend: str = "auto",
                   needs_grad: bool = False, adjoint: bool = False,
                   adjoint_params: Optional[Sequence[torch.Tensor]] = None, max_steps: Optional[int] = None,
-                  options: Optional[Mapping[str, Any]] = None, sample_index: bool = False
+                  options: Optional[Mapping[str, Any]] = None, sample_index: bool = False,
+                  segments: Sequence[int] = ()
                   ) -> Tuple[State, Dict[str, Any]]:
     r"""Integrate ``dy/dt = field(t, y)`` from ``t_start`` to ``t_end``; return ``(y(t_end), info)``.
 
@@ -75,6 +76,11 @@ def integrate_ode(field: Callable[[torch.Tensor, State], State], y0: State, t_st
     sample_index:
         ``norm="independent"`` only: call ``field(t, y, index)`` with ``index`` the ``(n,)``
         int64 positions of the running samples in ``y0``'s batch.
+    segments:
+        For a flat ``(B, D)`` tensor state on the native backend: column indices splitting it into
+        components normed separately (``(d,)`` for ``[x | Δ]``: the same error control as the
+        tuple state ``(x, Δ)``); the field is then called on the flat state as is (no split/cat).
+        Ignored otherwise.
 
     Returns
     -------
@@ -109,7 +115,8 @@ def integrate_ode(field: Callable[[torch.Tensor, State], State], y0: State, t_st
     use_native = not blockers and (backend == "native" or norm == "independent" or
                                    (backend == "auto" and comps[0].device.type == "cpu"))
     if use_native:
-        y1, info = _native(field, y0, t_start, t_end, method, rtol, atol, norm, max_steps, options, sample_index)
+        y1, info = _native(field, y0, t_start, t_end, method, rtol, atol, norm, max_steps, options, sample_index,
+                           segments)
         info["adjoint"] = None
     else:
         y1, _, info = odeint_counted(field, y0, t_start, t_end, method=method, rtol=rtol, atol=atol, norm=norm,
@@ -153,9 +160,14 @@ def _native_blockers(method: str, needs_grad: bool, adjoint: bool, norm: str, op
     return blockers
 
 
-def _native(field, y0: State, t_start, t_end, method, rtol, atol, norm, max_steps, options, sample_index=False):
+def _native(field, y0: State, t_start, t_end, method, rtol, atol, norm, max_steps, options, sample_index=False,
+            segments=()):
     """The native integrator on the flattened state ``[c_1 | c_2 | ...]`` (one column block per
     component, each its own RMS norm, as torchdiffeq's mixed norm)."""
+    if isinstance(y0, torch.Tensor) and y0.dim() == 2:  # already flat: the field is called as is
+        return integrate_adaptive(field, y0.detach(), t_start, t_end, method=method, rtol=rtol, atol=atol,
+                                  norm=norm, segments=tuple(segments), max_steps=max_steps,
+                                  sample_index=sample_index, **dict(options or {}))
     comps = y0 if isinstance(y0, tuple) else (y0,)
     B = comps[0].shape[0]
     shapes = [tuple(c.shape) for c in comps]

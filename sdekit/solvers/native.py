@@ -98,12 +98,77 @@ def rk4(ctx: Context, x: torch.Tensor) -> torch.Tensor:
 
 def euler_maruyama(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     r"""Euler–Maruyama: $x \leftarrow x + h\,b(x,t) + G(x,t)\sqrt{|h|}\,z$."""
+    lean = ctx.linear_sde_steps()
+    if lean is not None:
+        return _euler_maruyama_linear(ctx, x, *lean)
     ts = ctx.ts
     x = x.clone()  # the state buffer we own and update in place
     for i in range(ctx.n):
         t, s = ts[i], ts[i + 1]
         x = x.add_(ctx.drift(x, t), alpha=s - t)  # x + h b(x, t)
         x = ctx.step_done(i, ctx.add_noise(x, t, s))  # + G(x, t) dW
+    return x
+
+
+#: steps between two non-finite checks of `_euler_maruyama_linear` (a failed check replays the block)
+CHECK_BLOCK = 16
+
+
+def _euler_maruyama_linear(ctx: Context, x: torch.Tensor, tv, A, C, S) -> torch.Tensor:
+    r"""`euler_maruyama` on a linear reverse SDE with precomputed float coefficients
+    (`Context.linear_sde_steps`): per step one score call and three in-place passes
+    ($x + c\hat s$, times $a$, plus $\sigma z$) — the same noise stream as the generic loop.
+
+    Non-finite check (when the plan asks for one every step, the CPU default): once every
+    `CHECK_BLOCK` steps, one reduction and host read, and a copy of the state and the
+    generator's state at the last good check. Non-finiteness persists under this update
+    ($a_i$ is finite and non-zero, so a NaN/inf component stays NaN/inf whatever the score
+    returns), so a bad check means the first bad step lies in the block just run: the block is
+    replayed from the copy with the same noise, checking every step, and the `SolverError`
+    names that first bad step and its time — as a per-step check would, without its per-step
+    reduction. (A score that is not deterministic may not fail again in the replay: the error
+    then names the block's last step and says so.)"""
+    x = x.clone()  # the state buffer we own and update in place
+    shape = x.shape
+    counter, gen, stats, n = ctx.counter, ctx._gen, ctx.stats, ctx.n
+    fn = counter.fn
+    noise = torch.empty_like(x)
+    hook = ctx.step_done if (ctx._save_idx or ctx._check_every != 1) else None
+
+    def step(i: int) -> None:
+        counter.count += 1
+        s = fn(x, tv[i])
+        if s.shape != shape:
+            raise ValueError(f"score(x, t) must return a tensor shaped like x {tuple(shape)}, got {tuple(s.shape)}")
+        x.add_(s, alpha=C[i]).mul_(A[i]).add_(torch.randn(shape, generator=gen, out=noise), alpha=S[i])
+
+    if hook is not None:  # save points or a device-side / custom check: the shared per-step hook
+        for i in range(n):
+            step(i)
+            x = hook(i, x)
+        return x
+    get_state = gen.get_state if gen is not None else torch.get_rng_state
+    set_state = gen.set_state if gen is not None else torch.set_rng_state
+    good_x, good_rng, i0 = x.clone(), get_state(), 0  # the state before step i0
+    for i in range(n):
+        step(i)
+        if (i + 1) % CHECK_BLOCK == 0 or i + 1 == n:
+            if math.isfinite(float(x.sum())):
+                good_x.copy_(x)
+                good_rng, i0 = get_state(), i + 1
+                continue
+            x.copy_(good_x)  # replay the block step by step to find its first bad step
+            set_state(good_rng)
+            for j in range(i0, i + 1):
+                step(j)
+                if not math.isfinite(float(x.sum())):
+                    stats.steps = stats.accepted = j + 1
+                    ctx.fail(j)
+            stats.steps = stats.accepted = i + 1
+            ctx.fail(i, note=f" (found by the check after step {i}; the replay of steps {i0}..{i} stayed finite: "
+                             f"the score did not repeat itself, so the first bad step is one of them)")
+    stats.steps += n
+    stats.accepted += n
     return x
 
 
