@@ -310,6 +310,7 @@ def _build_net(kind: str, data, width: int, depth: int, num_classes: Optional[in
 def cmd_train(args) -> int:
     import torch  # noqa: F401
 
+    from . import distributed as D
     from .losses import DSMLoss
     from .model import ScoreModel
     from .train import TrainConfig, Trainer, TrainingDivergedError
@@ -351,11 +352,13 @@ def cmd_train(args) -> int:
     except TrainingDivergedError as exc:
         raise CLIError(f"training diverged: {exc}") from None
     secs = time.perf_counter() - t0
-    if not dist.is_main:  # rank 0 writes the outputs
+    if not dist.is_main:  # rank 0 writes the outputs; the others return once they are written
+        D.barrier()
         return 0
     trainer.ema_model.save(out / "model")
     _atomic_write_text(out / "run.json", json.dumps(run, indent=1) + "\n")
     plots.loss_curve(trainer.history["loss"], out / "loss.png")
+    D.barrier()
     last = trainer.history["loss"][-min(50, len(trainer.history["loss"])):]
     print(f"trained to step {trainer.step} in {secs:.1f} s; loss (mean of the last {len(last)} steps) "
           f"{sum(last) / len(last):.4f}\nwrote {out}/model (EMA weights), {out}/train (resumable), {out}/loss.png")
