@@ -59,12 +59,16 @@ def launch(tmp_path_factory):
     reports = []
     for r in range(WORLD):
         f = root / f"report-rank{r}.json"
-        if r == 1 and not f.exists():  # rank 1 dies on purpose in the fault scenario (after its report? no: before)
+        if r == 1 and not f.exists():  # rank 1 dies on purpose in the fault scenario, before its report
             reports.append(None)
             continue
         reports.append(json.loads(f.read_text()))
-    assert "error" not in reports[0], reports[0]["error"]
     return root, reports
+
+
+def _ok(report, scenario):
+    """Fail with the worker's traceback if ``scenario`` raised on that rank."""
+    assert scenario not in report["errors"], report["errors"][scenario]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +87,7 @@ def test_ddp_training_equals_one_process_with_the_global_batch(launch, single):
     _, reports = launch
     _, tr, hist = single
     r0 = reports[0]
+    _ok(r0, "train_api")
     assert r0["world"] == WORLD
     np.testing.assert_allclose(r0["loss"], hist["loss"], rtol=1e-5, atol=0)
     np.testing.assert_allclose(r0["grad_norm"], hist["grad_norm"], rtol=1e-5, atol=0)
@@ -94,6 +99,7 @@ def test_ddp_training_equals_one_process_with_the_global_batch(launch, single):
 
 def test_only_rank_0_writes_and_its_checkpoints_load(launch):
     root, reports = launch
+    _ok(reports[0], "train_api")
     assert [c.name for c in list_checkpoints(root / "api-rank0" / "checkpoints")][-1].startswith("ckpt-00000006")
     assert (root / "api-rank0" / "log.jsonl").stat().st_size > 0
     rank1 = root / "api-rank1"
@@ -125,6 +131,7 @@ def test_resume_under_another_world_size_continues_the_same_run(launch, single, 
 @pytest.mark.parametrize("sampler,steps", W.SAMPLERS)
 def test_sharded_sampling_is_bit_identical_to_one_process(launch, sampler, steps, capsys):
     root, reports = launch
+    _ok(reports[0], "command_line")
     assert reports[0]["codes"]["train"] == 0 and reports[0]["codes"][sampler] == 0
     if sampler == "dopri5" and not __import__("diffusion.cli", fromlist=["x"])._per_sample_stepping():
         pytest.skip("adaptive sampling is shard-independent only with per-sample stepping (norm='independent')")
@@ -139,6 +146,7 @@ def test_sharded_sampling_is_bit_identical_to_one_process(launch, sampler, steps
 @pytest.mark.parametrize("divergence", W.DIVERGENCES)
 def test_sharded_nll_is_bit_identical_to_one_process(launch, divergence, capsys):
     root, reports = launch
+    _ok(reports[0], "command_line")
     assert reports[0]["codes"][divergence] == 0
     one = root / f"nll-{divergence}-w1.json"
     assert cli(W.cli_nll_args(root / "cli-run", divergence, one)) == 0
@@ -154,6 +162,7 @@ def test_sharded_nll_is_bit_identical_to_one_process(launch, divergence, capsys)
 # ------------------------------------------------------------------------------------------------
 def test_a_dead_rank_stops_the_others_with_a_named_error_and_a_valid_checkpoint(launch):
     root, reports = launch
+    _ok(reports[0], "fault")
     msg = reports[0]["fault"]
     assert msg.startswith("DistributedError"), msg
     assert f"step {W.DIE_AT}" in msg and "checkpoint" in msg
