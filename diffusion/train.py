@@ -34,6 +34,14 @@ and ``log.jsonl``, one JSON object per line: ``{"event": "train", "step", "loss"
 over the steps since the previous line), ``{"event": "eval", "step", <metrics>}`` and
 ``{"event": "diverged", ...}``. A checkpoint records the log's length, and resuming cuts the log
 back to it, so the log of a resumed run reads as one run.
+
+Under an initialised ``torch.distributed`` process group of $N > 1$ processes (``torchrun``;
+``diffusion.distributed``, ``docs/scaling.md``) the trainer is data-parallel: every process keeps
+the same replica and draws the same global batch and loss randomness, the network runs on this
+process's rows only (``DistributedDataParallel``, gradients summed over processes), so $N$
+processes with ``batch_size`` $B$ take the same steps as one process with $B$ (to rounding). Rank 0
+alone writes checkpoints and the log; a run resumes under any number of processes; torch's global
+generator is seeded per rank; a failed collective raises ``diffusion.distributed.DistributedError``.
 """
 
 from __future__ import annotations
@@ -788,7 +796,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (cfg.progress and sys.stderr.isatty()))
+                   disable=not (cfg.progress and sys.stderr.isatty() and self.dist.is_main))
         self.model.train()
         t_window, steps_window, t_start = time.perf_counter(), 0, time.perf_counter()
         try:
