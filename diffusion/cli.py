@@ -621,7 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_pos_int, default=None, help="steps of a fixed-step sampler")
     s.add_argument("--rtol", type=_pos_float, default=None, help="relative tolerance of an adaptive sampler")
     s.add_argument("--atol", type=_pos_float, default=None, help="absolute tolerance of an adaptive sampler")
-    s.add_argument("--n", type=_pos_int, default=1000, help="number of samples (default 1000)")
+    s.add_argument("--n", "--num-samples", dest="n", type=_pos_int, default=1000,
+                   help="number of samples (default 1000; write --num-samples after torchrun, whose own parser "
+                        "takes --n for an abbreviation of its options)")
     s.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
     s.add_argument("--out", default=None, help="output .npz (default RUN/samples-SAMPLER.npz); the PNG goes beside it")
     common(s)
@@ -633,7 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--data", default=None, help="data set (default: the one the model was trained on)")
     n.add_argument("--data-option", action="append", metavar="KEY=VALUE", help="data set option, repeatable")
     n.add_argument("--split", default="test", choices=("train", "test"))
-    n.add_argument("--n", type=_pos_int, default=500, help="number of points (default 500)")
+    n.add_argument("--n", "--num-points", dest="n", type=_pos_int, default=500,
+                   help="number of points (default 500; write --num-points after torchrun, whose own parser "
+                        "takes --n for an abbreviation of its options)")
     n.add_argument("--batch-size", type=_pos_int, default=500)
     n.add_argument("--divergence", default="auto", choices=("auto", "exact", "hutchinson"))
     n.add_argument("--probes", type=_pos_int, default=1, help="Hutchinson probes per point")
