@@ -890,8 +890,8 @@ class Trainer:
                     f"the last checkpoint (step {self._last_saved_step}) is valid" if self._last_saved_step > 0
                     else "no checkpoint was written")
             raise _dist.DistributedError(
-                f"rank {self.dist.rank} of {self.dist.world_size}: a collective failed at step {step} (another process "
-                f"died or stopped answering): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+                f"rank {self.dist.rank} of {self.dist.world_size}: a collective failed at step {step} (typically another "
+                f"process died or stopped answering): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
                 f"{ckpt}; resume with train(resume=True) (any number of processes)") from exc
 
     def _diverged(self, step: int, what: str, value: float) -> None:
