@@ -12,6 +12,12 @@ Subcommands
 ``nll``
     Negative log-likelihood (nats) and bits/dim of data under a trained model, ± standard error.
 
+``train``, ``sample`` and ``nll`` also run under ``torchrun --nproc_per_node=N -m diffusion ...``
+(``--backend auto|gloo|nccl``): ``train`` is data-parallel (N processes with ``--batch-size B``
+take the same steps as one with ``B``), ``sample`` splits the samples and ``nll`` the batches
+over the processes; rank 0 gathers and writes every output, and the results are bit-identical to
+one process (``docs/scaling.md``).
+
 A run folder (written by ``train`` and ``quickstart``) holds ``model/`` (the EMA model, safetensors
 + JSON), ``train/`` (resumable trainer checkpoints and ``log.jsonl``) and ``run.json`` (which data
 set it was trained on). ``sample`` and ``nll`` take ``--checkpoint RUN_FOLDER`` (or a ``model/``
@@ -202,6 +208,30 @@ def _load_run(path: str, device) -> Tuple[Any, Dict[str, Any], Path]:
     return model, run, run_dir
 
 
+def _distributed(args, device):
+    """Join ``torchrun``'s process group when launched by it (a no-op otherwise); on CUDA each
+    process takes the GPU ``cuda:LOCAL_RANK``. Returns ``(DistInfo, device)``."""
+    import torch
+
+    from . import distributed as D
+
+    joined = D.is_distributed()
+    try:
+        info = D.init_from_env(backend=args.backend, device=str(device))
+        args.owns_process_group = info.distributed and not joined  # main() leaves it at the end
+    except ValueError as exc:
+        raise CLIError(f"--backend {args.backend} --device {device}: {exc}") from None
+    if info.distributed and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    return info, device
+
+
+def _say(info, *lines: str) -> None:
+    """Print on rank 0 only."""
+    if info.is_main:
+        print(*lines, sep="\n", flush=True)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -280,12 +310,14 @@ def _build_net(kind: str, data, width: int, depth: int, num_classes: Optional[in
 def cmd_train(args) -> int:
     import torch  # noqa: F401
 
+    from . import distributed as D
     from .losses import DSMLoss
     from .model import ScoreModel
     from .train import TrainConfig, Trainer, TrainingDivergedError
     from . import plots
 
     device = _device(args.device)
+    dist, device = _distributed(args, device)
     out = _writable_dir(args.out)
     if not args.resume and (out / "train" / "checkpoints").is_dir() and any((out / "train" / "checkpoints").iterdir()):
         raise CLIError(f"--out {str(out)!r} already holds a training run: pass --resume to continue it, or choose "
@@ -309,9 +341,10 @@ def cmd_train(args) -> int:
         raise CLIError(str(exc)) from None
     run = {"data": args.data, "data_options": opts, "command": "train", "process": args.process, "net": args.net,
            "conditional": bool(args.conditional)}
-    print(f"diffusion train: {args.data} ({len(data)} samples, shape {data.shape}), {sde!r}, "
-          f"{type(net).__name__} ({sum(p.numel() for p in net.parameters()) / 1e6:.3f} M parameters), "
-          f"{args.steps} steps on {device}; writing to {out.resolve()}", flush=True)
+    procs = f" x {dist.world_size} processes ({dist.backend})" if dist.distributed else ""
+    _say(dist, f"diffusion train: {args.data} ({len(data)} samples, shape {data.shape}), {sde!r}, "
+               f"{type(net).__name__} ({sum(p.numel() for p in net.parameters()) / 1e6:.3f} M parameters), "
+               f"{args.steps} steps on {device}{procs}; writing to {out.resolve()}")
     trainer = Trainer(model, data, loss, cfg, out_dir=out / "train")
     t0 = time.perf_counter()
     try:
@@ -319,9 +352,13 @@ def cmd_train(args) -> int:
     except TrainingDivergedError as exc:
         raise CLIError(f"training diverged: {exc}") from None
     secs = time.perf_counter() - t0
+    if not dist.is_main:  # rank 0 writes the outputs; the others return once they are written
+        D.barrier()
+        return 0
     trainer.ema_model.save(out / "model")
     _atomic_write_text(out / "run.json", json.dumps(run, indent=1) + "\n")
     plots.loss_curve(trainer.history["loss"], out / "loss.png")
+    D.barrier()
     last = trainer.history["loss"][-min(50, len(trainer.history["loss"])):]
     print(f"trained to step {trainer.step} in {secs:.1f} s; loss (mean of the last {len(last)} steps) "
           f"{sum(last) / len(last):.4f}\nwrote {out}/model (EMA weights), {out}/train (resumable), {out}/loss.png")
@@ -357,11 +394,19 @@ def cmd_sample(args) -> int:
 
     from . import plots
 
+    from . import distributed as D
+
     info = _method(args.sampler)
     device = _device(args.device)
+    dist, device = _distributed(args, device)
     out = _writable_file(args.out, "--out") if args.out else None
     model, run, run_dir = _load_run(args.checkpoint, device)
     kw = _budget_kwargs(info, args)
+    if "adaptive" in info.stepping and info.backend == "native" and _per_sample_stepping():
+        kw["norm"] = "independent"  # each sample's steps are its own: results do not depend on the sharding
+    elif "adaptive" in info.stepping and dist.distributed:
+        _say(dist, f"note: {args.sampler} shares one step size across each process's samples, so the samples "
+                   f"depend (to the tolerance) on how they are split over the {dist.world_size} processes")
     label = None
     if args.label is not None:
         nc = getattr(model.net, "num_classes", None)
@@ -373,20 +418,39 @@ def cmd_sample(args) -> int:
     if out is None:
         out = _writable_file(str(run_dir / f"samples-{args.sampler.replace(':', '-')}.npz"), "the output file")
     png = out.with_suffix(".png")
-    g = torch.Generator(device=device).manual_seed(args.seed)
+    ev = model.event_shape
+    if ev is None:
+        raise CLIError(f"the model's network {type(model.net).__name__} does not declare its data shape")
+    dtype = next(model.parameters()).dtype
+    # sample i has its own seed (diffusion.distributed.sample_seed): its prior draw and its noise do
+    # not depend on the batch it is in, hence not on the number of processes
+    lo, hi = D.shard_bounds(args.n, dist.rank, dist.world_size)
+    gens = [D.sample_generator(args.seed, i, device) for i in range(lo, hi)]
     t0 = time.perf_counter()
-    try:
-        sol = model.sample(args.n, method=args.sampler, generator=g, label=label, **kw)
-    except (ValueError, TypeError) as exc:
-        raise CLIError(f"sampler {args.sampler!r}: {exc}") from None
+    nfe = 0
+    if gens:
+        x_T = torch.cat([model.sde.prior_sample((1,) + tuple(ev), generator=g, dtype=dtype, device=device)
+                         for g in gens])
+        try:
+            sol = model.sample(x_T=x_T, method=args.sampler, generator=gens, label=label, **kw)
+        except (ValueError, TypeError) as exc:
+            raise CLIError(f"sampler {args.sampler!r}: {exc}") from None
+        x, nfe = sol.x.detach().float().cpu(), int(sol.stats.nfe)
+    else:  # more processes than samples
+        x = torch.empty((0,) + tuple(ev))
+    x = D.gather_cat(x)
+    nfes = D.gather_cat(torch.tensor([nfe]))
     secs = time.perf_counter() - t0
-    x = sol.x.detach().float().cpu()
+    if not dist.is_main:  # rank 0 writes the outputs
+        return 0
+    nfe = int(nfes.max())  # the slowest process's NFE (all equal for fixed-step samplers)
     if not torch.isfinite(x).all():
         raise CLIError(f"sampler {args.sampler!r} produced non-finite samples; try more steps or a tighter tolerance")
-    _atomic_npz(out, x=x.numpy(), nfe=sol.stats.nfe, seconds=secs, sampler=args.sampler, seed=args.seed)
+    _atomic_npz(out, x=x.numpy(), nfe=nfe, seconds=secs, sampler=args.sampler, seed=args.seed,
+                nfe_per_process=nfes.numpy(), processes=dist.world_size)
     shape = tuple(x.shape[1:])
     if len(shape) == 3:
-        plots.image_grid(x[:64], png, nrow=8, title=f"{args.sampler}, NFE {sol.stats.nfe}")
+        plots.image_grid(x[:64], png, nrow=8, title=f"{args.sampler}, NFE {nfe}")
     else:
         grid, lim = None, float(x.reshape(x.shape[0], -1)[:, :2].abs().quantile(0.995)) * 1.1
         if shape == (2,) and run.get("data"):
@@ -397,17 +461,21 @@ def cmd_sample(args) -> int:
             if mix is not None:
                 lim = max(lim, 3.2)
                 grid = plots.density_grid(mix.push(model.sde, model.t_eps).log_prob, lim)
-        plots.scatter_over_density([(f"{args.sampler}, NFE {sol.stats.nfe}", x.reshape(x.shape[0], -1)[:, :2])],
+        plots.scatter_over_density([(f"{args.sampler}, NFE {nfe}", x.reshape(x.shape[0], -1)[:, :2])],
                                    png, grid=grid, lim=lim)
-    print(f"{args.n} samples with {args.sampler} ({', '.join(f'{k}={v}' for k, v in kw.items())}): "
-          f"NFE {sol.stats.nfe}, {secs:.2f} s\nwrote {out} and {png}")
+    procs = f" over {dist.world_size} processes" if dist.distributed else ""
+    print(f"{args.n} samples with {args.sampler} ({', '.join(f'{k}={v}' for k, v in kw.items())}){procs}: "
+          f"NFE {nfe}, {secs:.2f} s\nwrote {out} and {png}")
     return 0
 
 
 def cmd_nll(args) -> int:
     import torch
 
+    from . import distributed as D
+
     device = _device(args.device)
+    dist, device = _distributed(args, device)
     model, run, _ = _load_run(args.checkpoint, device)
     out = _writable_file(args.out, "--out") if args.out else None
     name = args.data or run.get("data")
@@ -423,26 +491,35 @@ def cmd_nll(args) -> int:
         raise CLIError(f"data set {name!r} has shape {tuple(x.shape[1:])} but the model takes {model.event_shape}")
     discrete = data.transform is not None and data.transform.is_discrete
     d = int(x[0].numel())
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    if discrete:
+    if discrete:  # the same dequantization on every process
         x = data.dequantized(generator=torch.Generator().manual_seed(args.seed), index=torch.arange(n))
+    # the unit of work is a batch of --batch-size points with its own seed (Hutchinson probes):
+    # process r takes a contiguous run of batches, so every batch is computed exactly as by one process
+    n_batches = -(-n // args.batch_size)
+    b_lo, b_hi = D.shard_bounds(n_batches, dist.rank, dist.world_size)
     t0 = time.perf_counter()
-    lps, nfes = [], []
+    lps, nfes = [torch.empty(0, dtype=torch.float64)], []
     try:
-        for i in range(0, n, args.batch_size):
+        for b in range(b_lo, b_hi):
+            i = b * args.batch_size
             res = model.log_likelihood(x[i:i + args.batch_size].to(device), divergence=args.divergence,
                                        n_probes=args.probes, rtol=args.rtol, atol=args.atol, t_eps=args.t_eps,
-                                       generator=g)
+                                       generator=D.sample_generator(args.seed, b, device))
             lps.append(res.log_prob.detach().double().cpu())
             nfes.append(int(res.stats.nfe))
     except (ValueError, TypeError) as exc:
         raise CLIError(str(exc)) from None
+    lp = D.gather_cat(torch.cat(lps))
+    nfe_all = D.gather_cat(torch.tensor(nfes, dtype=torch.long))
     secs = time.perf_counter() - t0
-    lp = torch.cat(lps)
+    if not dist.is_main:  # rank 0 reports and writes
+        return 0
+    nfes = [int(v) for v in nfe_all]
     se = float(lp.std() / math.sqrt(n)) if n > 1 else math.inf
     report: Dict[str, Any] = {"data": name, "split": args.split, "n": n, "dim": d, "divergence": args.divergence,
                               "probes": args.probes, "rtol": args.rtol, "atol": args.atol, "t_eps": args.t_eps,
-                              "nll_nats": float(-lp.mean()), "nll_se": se, "nfe_per_batch": nfes, "seconds": secs}
+                              "nll_nats": float(-lp.mean()), "nll_se": se, "nfe_per_batch": nfes, "seconds": secs,
+                              "processes": dist.world_size}
     lines = [f"NLL of {n} {args.split} points of {name!r} (d = {d}, t_eps = {args.t_eps:g}, {args.divergence} "
              f"divergence, rtol {args.rtol:g}, atol {args.atol:g}): {report['nll_nats']:.4f} +- {se:.4f} nats "
              f"({report['nll_nats'] / d:.4f} nats/dim); NFE per batch {nfes}; {secs:.1f} s"]
@@ -495,6 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default=device, help=f"cpu, cuda, cuda:N or auto (default {device})")
         sp.add_argument("--seed", type=_seed, default=0, help="random seed in [0, 2**63-1] (default 0)")
 
+    def backend(sp):
+        sp.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"),
+                        help="torch.distributed backend under torchrun (auto: nccl on CUDA, gloo on CPU)")
+
     q = sub.add_parser("quickstart", help="train on a 2-D mixture, sample with six samplers, compare with the "
                                           "exact answer, write plots (the README's main job)")
     q.add_argument("--data", default="mixture", help="mixture (default) or digits")
@@ -530,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/train", help="run folder (default runs/train)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     common(t, device="auto")
+    backend(t)
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="draw samples from a trained model -> .npz + PNG")
@@ -539,10 +621,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_pos_int, default=None, help="steps of a fixed-step sampler")
     s.add_argument("--rtol", type=_pos_float, default=None, help="relative tolerance of an adaptive sampler")
     s.add_argument("--atol", type=_pos_float, default=None, help="absolute tolerance of an adaptive sampler")
-    s.add_argument("--n", type=_pos_int, default=1000, help="number of samples (default 1000)")
+    s.add_argument("--n", "--num-samples", dest="n", type=_pos_int, default=1000,
+                   help="number of samples (default 1000; write --num-samples after torchrun, whose own parser "
+                        "takes --n for an abbreviation of its options)")
     s.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
     s.add_argument("--out", default=None, help="output .npz (default RUN/samples-SAMPLER.npz); the PNG goes beside it")
     common(s)
+    backend(s)
     s.set_defaults(func=cmd_sample)
 
     n = sub.add_parser("nll", help="negative log-likelihood and bits/dim of data under a trained model")
@@ -550,7 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--data", default=None, help="data set (default: the one the model was trained on)")
     n.add_argument("--data-option", action="append", metavar="KEY=VALUE", help="data set option, repeatable")
     n.add_argument("--split", default="test", choices=("train", "test"))
-    n.add_argument("--n", type=_pos_int, default=500, help="number of points (default 500)")
+    n.add_argument("--n", "--num-points", dest="n", type=_pos_int, default=500,
+                   help="number of points (default 500; write --num-points after torchrun, whose own parser "
+                        "takes --n for an abbreviation of its options)")
     n.add_argument("--batch-size", type=_pos_int, default=500)
     n.add_argument("--divergence", default="auto", choices=("auto", "exact", "hutchinson"))
     n.add_argument("--probes", type=_pos_int, default=1, help="Hutchinson probes per point")
@@ -559,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--t-eps", type=_pos_float, default=1e-5, help="the density is that of p_{t_eps}")
     n.add_argument("--out", default=None, help="write the report as JSON here")
     common(n)
+    backend(n)
     n.set_defaults(func=cmd_nll)
     return p
 
@@ -567,14 +655,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .distributed import DistributedError, shutdown
+
     try:
         return int(args.func(args) or 0)
     except CLIError as exc:
         print(f"diffusion {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except DistributedError as exc:
+        print(f"diffusion {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # pragma: no cover
         print(f"diffusion {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if getattr(args, "owns_process_group", False):
+            shutdown()  # leave the process group this command joined (not one its caller set up)
+
+
+def _per_sample_stepping() -> bool:
+    """Whether the native adaptive integrator offers per-sample stepping (``norm="independent"``)."""
+    from sdekit.solvers import adaptive
+
+    return "independent" in getattr(adaptive, "ADAPTIVE_NORMS", ())
 
 
 if __name__ == "__main__":  # pragma: no cover

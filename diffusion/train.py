@@ -34,10 +34,19 @@ and ``log.jsonl``, one JSON object per line: ``{"event": "train", "step", "loss"
 over the steps since the previous line), ``{"event": "eval", "step", <metrics>}`` and
 ``{"event": "diverged", ...}``. A checkpoint records the log's length, and resuming cuts the log
 back to it, so the log of a resumed run reads as one run.
+
+Under an initialised ``torch.distributed`` process group of $N > 1$ processes (``torchrun``;
+``diffusion.distributed``, ``docs/scaling.md``) the trainer is data-parallel: every process keeps
+the same replica and draws the same global batch and loss randomness, the network runs on this
+process's rows only (``DistributedDataParallel``, gradients summed over processes), so $N$
+processes with ``batch_size`` $B$ take the same steps as one process with $B$ (to rounding). Rank 0
+alone writes checkpoints and the log; a run resumes under any number of processes; torch's global
+generator is seeded per rank; a failed collective raises ``diffusion.distributed.DistributedError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -54,6 +63,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed as _dist
 from .checkpoint import (
     flatten_state,
     latest_checkpoint,
@@ -91,6 +101,16 @@ class TrainingDivergedError(RuntimeError):
     def __init__(self, message: str, step: int, value: float, checkpoint: Optional[Path]):
         super().__init__(message)
         self.step, self.value, self.checkpoint = step, value, checkpoint
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of torch's global generator (dropout and the like) on ``rank``: rank 0 uses the
+    single-process stream (so one process and rank 0 agree); rank $r > 0$ an independent stream
+    keyed by $(r, \text{step})$, re-derived at the step a run starts or resumes from."""
+    if rank == 0:
+        return _seed(seed, _STREAM_GLOBAL)
+    state = np.random.SeedSequence(seed, spawn_key=(_STREAM_GLOBAL, rank, step)).generate_state(1, np.uint64)[0]
+    return int(state) & ((1 << 63) - 1)
 
 
 def _seed(seed: int, stream: int) -> int:
@@ -458,6 +478,13 @@ class Trainer:
         self._compiled = False
         self._last_ckpt: Optional[Path] = None
         self._last_saved_step = -1
+        # -- data parallel (torch.distributed; docs/scaling.md): one replica per rank, the network
+        # runs on this rank's rows of the global batch, files are written by rank 0 only
+        self.dist = _dist.info()
+        self._sharded_net: Optional[nn.Module] = None
+        if self.dist.distributed and not isinstance(getattr(self.model, "net", None), nn.Module):
+            raise TypeError(f"distributed training needs a model with a .net module (a ScoreModel), got "
+                            f"{type(self.model).__name__}")
 
     # -- setup ------------------------------------------------------------------------------------
     @staticmethod
@@ -543,7 +570,7 @@ class Trainer:
                                  f"resume=True to continue that run, or use a new out_dir")
         self.gen_batch.manual_seed(_seed(cfg.seed, _STREAM_BATCH))
         self.gen_noise.manual_seed(_seed(cfg.seed, _STREAM_NOISE))
-        torch.manual_seed(_seed(cfg.seed, _STREAM_GLOBAL))
+        torch.manual_seed(_rank_seed(cfg.seed, self.dist.rank, 0))
         self.step, self.ema_updates, self._perm, self._pos = 0, 0, None, 0
         self._last_ckpt, self._last_saved_step = None, -1
         self.history = self._empty_history()
@@ -552,7 +579,7 @@ class Trainer:
                 e.copy_(p)
             for e, b in zip(self.ema_model.buffers(), self.model.buffers()):
                 e.copy_(b)
-        if self.log_path is not None:
+        if self.log_path is not None and self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.log_path.write_text("")
 
@@ -593,6 +620,9 @@ class Trainer:
         ``out_dir``); returns its manifest."""
         if self.checkpoint_dir is None:
             return None
+        if not self.dist.is_main:  # the replicas are identical: rank 0 writes
+            self._last_saved_step = self.step
+            return None
         tensors: Dict[str, torch.Tensor] = {}
         tensors.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
         tensors.update({f"ema.{k}": v for k, v in self.ema_model.state_dict().items()})
@@ -623,6 +653,7 @@ class Trainer:
             "ema_updates": self.ema_updates,
             "data_pos": self._pos,
             "data_n": int(self.data.shape[0]),
+            "world_size": self.dist.world_size,
             "evals": evals,
             "log_bytes": self._log_size(),
             "model_class": type(self.model).__name__,
@@ -657,6 +688,8 @@ class Trainer:
         self.optimizer.load_state_dict(unflatten_state(meta["optim"], tensors))
         set_rng_state(tensors, meta["rng"], {"batch": self.gen_batch, "noise": self.gen_noise})
         self.step = int(meta["step"])
+        if self.dist.rank != 0:  # rank 0's global stream is the checkpoint's; the others re-derive theirs
+            torch.manual_seed(_rank_seed(self.config.seed, self.dist.rank, self.step))
         self.ema_updates = int(meta["ema_updates"])
         self._perm = tensors.get("data.perm")
         self._pos = int(meta["data_pos"])
@@ -665,7 +698,7 @@ class Trainer:
             self.history[key] = tensors[f"history.{key}"].tolist()
         self.history["step"] = list(range(1, self.step + 1))
         self.history["eval"] = unflatten_state(meta["evals"], {})
-        if self.log_path is not None:
+        if self.log_path is not None and self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             n = int(meta.get("log_bytes", 0))
             size = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -748,7 +781,7 @@ class Trainer:
         if resume:
             if self.checkpoint_dir is None:
                 raise ValueError("resume=True needs an out_dir with checkpoints")
-            found = latest_checkpoint(self.checkpoint_dir)
+            found = _dist.broadcast_object(latest_checkpoint(self.checkpoint_dir) if self.dist.is_main else None)
             if found is not None:
                 self._restore(found)
             else:
@@ -759,12 +792,17 @@ class Trainer:
             self._fresh_start()
         self._check_data_fits()
         self._maybe_compile()
+        if self.dist.distributed and self._sharded_net is None:
+            ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+                if self.device.type == "cuda" else None
+            self._sharded_net = _dist.ShardedNet(self.model.net, device_ids=ids)
 
-        self._log = open(self.log_path, "a", encoding="utf-8") if self.log_path is not None else None
+        self._log = (open(self.log_path, "a", encoding="utf-8")
+                     if self.log_path is not None and self.dist.is_main else None)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (cfg.progress and sys.stderr.isatty()))
+                   disable=not (cfg.progress and sys.stderr.isatty() and self.dist.is_main))
         self.model.train()
         t_window, steps_window, t_start = time.perf_counter(), 0, time.perf_counter()
         try:
@@ -774,13 +812,14 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 x0, label = self._next_batch()
-                with self._autocast():
+                with self._autocast(), self._sharded():
                     loss = self.loss(self.model, x0, label=label, generator=self.gen_noise)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     self._diverged(k, "loss", value)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                with self._collective(k):
+                    loss.backward()
                 max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
                 gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
                 if not math.isfinite(gnorm):
@@ -814,6 +853,8 @@ class Trainer:
                     self.save()
             if self._last_saved_step != self.step:
                 self.save()
+            with self._collective(self.step):
+                _dist.barrier()  # every rank returns once rank 0's last checkpoint is written
         finally:
             bar.close()
             if self._log is not None:
@@ -822,6 +863,42 @@ class Trainer:
         return {k: list(v) for k, v in self.history.items()}
 
     _log = None
+
+    # -- data parallel hooks (docs/scaling.md) ----------------------------------------------------
+    @contextlib.contextmanager
+    def _sharded(self):
+        """While the loss runs: ``model.net`` is the `ShardedNet` (this rank's rows, gathered)."""
+        if self._sharded_net is None:
+            yield
+            return
+        modules = self.model._modules
+        net = modules["net"]
+        modules["net"] = self._sharded_net
+        try:
+            with self._collective(self.step + 1):
+                yield
+        finally:
+            modules["net"] = net
+
+    @contextlib.contextmanager
+    def _collective(self, step: int):
+        """Turn a failed collective (a rank died, or stopped answering past the timeout) into a
+        `DistributedError` that names the step and the last checkpoint."""
+        if not self.dist.distributed:
+            yield
+            return
+        try:
+            yield
+        except RuntimeError as exc:
+            if isinstance(exc, (_dist.DistributedError, TrainingDivergedError)):
+                raise
+            ckpt = (f"the last checkpoint ({self._last_ckpt}) is valid" if self._last_ckpt is not None else
+                    f"the last checkpoint (step {self._last_saved_step}) is valid" if self._last_saved_step > 0
+                    else "no checkpoint was written")
+            raise _dist.DistributedError(
+                f"rank {self.dist.rank} of {self.dist.world_size}: a collective failed at step {step} (typically another "
+                f"process died or stopped answering): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+                f"{ckpt}; resume with train(resume=True) (any number of processes)") from exc
 
     def _diverged(self, step: int, what: str, value: float) -> None:
         self._write({"event": "diverged", "step": step, what.replace(" ", "_"): repr(value)})
