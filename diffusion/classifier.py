@@ -62,8 +62,10 @@ class NoiseConditionalClassifier(nn.Module):
         Number of classes $C \ge 2$.
     event_shape:
         Shape of one sample (e.g. ``(2,)`` or ``(1, 8, 8)``).
-    width, depth:
-        Hidden width and number of residual blocks.
+    width:
+        Hidden width.
+    depth:
+        Number of residual blocks.
     emb_dim:
         Features of the noise-condition embedding (even).
     act:
@@ -174,8 +176,14 @@ def train_classifier(classifier: NoiseConditionalClassifier, dataset, *, steps: 
         A `NoiseConditionalClassifier` (trained in place, left in eval mode).
     dataset:
         An object with ``.data`` ``(N, *event_shape)`` and ``.labels`` ``(N,)`` in ``[0, C)``.
-    steps, batch_size, lr, weight_decay:
-        Optimisation.
+    steps:
+        Optimiser steps.
+    batch_size:
+        Samples per step.
+    lr:
+        AdamW's learning rate.
+    weight_decay:
+        AdamW's decoupled weight decay.
     t_eps:
         Lowest training time.
     seed:

@@ -331,7 +331,9 @@ def cmd_train(args) -> int:
         raise CLIError(f"--conditional needs a labelled data set; {args.data!r} has no labels")
     net = _build_net(args.net, data, args.width, args.depth, num_classes)
     try:
-        model = ScoreModel(net, sde, predict=args.predict, t_eps=args.t_eps)
+        if args.label_dropout and not args.conditional:
+            raise CLIError("--label-dropout needs --conditional (a class-conditional model)")
+        model = ScoreModel(net, sde, predict=args.predict, t_eps=args.t_eps, label_dropout=args.label_dropout)
         loss = DSMLoss(weighting=args.weighting, time_sampling=args.time_sampling, t_eps=args.loss_t_eps)
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           warmup=min(args.steps, args.warmup if args.warmup is not None else args.steps // 50),
@@ -415,6 +417,24 @@ def cmd_sample(args) -> int:
         if not 0 <= args.label < nc:
             raise CLIError(f"--label {args.label} out of range: the model has classes 0..{nc - 1}")
         label = args.label
+    interval = None
+    if args.guidance is not None:
+        if not math.isfinite(args.guidance):
+            raise CLIError(f"--guidance must be a finite number, got {args.guidance}")
+        if label is None:
+            raise CLIError("--guidance needs --label (the class to guide towards)")
+        if not getattr(model, "label_dropout", 0.0):
+            raise CLIError("--guidance needs a model trained with label dropout to the null label "
+                           "(train --conditional --label-dropout 0.1); this one was not")
+    if args.guidance_interval is not None:
+        if args.guidance is None:
+            raise CLIError("--guidance-interval needs --guidance")
+        try:
+            interval = tuple(float(v) for v in args.guidance_interval.split(","))
+        except ValueError:
+            interval = ()
+        if len(interval) != 2 or not (0 <= interval[0] < interval[1]):
+            raise CLIError(f"--guidance-interval must be LO,HI with 0 <= LO < HI, got {args.guidance_interval!r}")
     if out is None:
         out = _writable_file(str(run_dir / f"samples-{args.sampler.replace(':', '-')}.npz"), "the output file")
     png = out.with_suffix(".png")
@@ -432,7 +452,8 @@ def cmd_sample(args) -> int:
         x_T = torch.cat([model.sde.prior_sample((1,) + tuple(ev), generator=g, dtype=dtype, device=device)
                          for g in gens])
         try:
-            sol = model.sample(x_T=x_T, method=args.sampler, generator=gens, label=label, **kw)
+            sol = model.sample(x_T=x_T, method=args.sampler, generator=gens, label=label, guidance=args.guidance,
+                               guidance_interval=interval, **kw)
         except (ValueError, TypeError) as exc:
             raise CLIError(f"sampler {args.sampler!r}: {exc}") from None
         x, nfe = sol.x.detach().float().cpu(), int(sol.stats.nfe)
@@ -608,6 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     t.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint period in steps (0: only at the end)")
     t.add_argument("--conditional", action="store_true", help="class-conditional model (labelled data)")
+    t.add_argument("--label-dropout", type=_prob, default=0.0,
+                   help="probability of training on the null label (classifier-free guidance needs > 0, e.g. 0.1)")
     t.add_argument("--out", default="runs/train", help="run folder (default runs/train)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     common(t, device="auto")
@@ -625,6 +648,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of samples (default 1000; write --num-samples after torchrun, whose own parser "
                         "takes --n for an abbreviation of its options)")
     s.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale w (score (1+w) s(x|c) - w s(x); needs --label and a model "
+                        "trained with --label-dropout)")
+    s.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                   help="apply guidance only where the noise level sigma/m lies in [LO, HI]")
     s.add_argument("--out", default=None, help="output .npz (default RUN/samples-SAMPLER.npz); the PNG goes beside it")
     common(s)
     backend(s)

@@ -302,9 +302,12 @@ class ScoreModel(nn.Module):
             An int class or a ``(B,)`` integer tensor, in ``[0, num_classes)``.
         scale:
             The guidance scale $w$ (finite): 0 is the conditional model, $w > 0$ sharpens the class.
-        interval, noise_level:
-            Guide only where $\bar\sigma = \sigma/m$ (or $\lambda$, ``noise_level="log_snr"``)
-            lies in ``interval = (low, high)``; see `sdekit.guidance`.
+        interval:
+            Guide only where the noise level lies in ``interval = (low, high)``; see
+            `sdekit.guidance`.
+        noise_level:
+            The variable of ``interval``: ``"sigma"`` ($\bar\sigma = \sigma/m$) or ``"log_snr"``
+            ($\lambda$).
 
         Raises
         ------

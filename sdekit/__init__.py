@@ -3,7 +3,8 @@
 The chain a reader follows: processes → kernels → dynamics (reverse SDE, PF ODE) → solvers →
 likelihood → studies; ``oracles`` (exact Gaussian mixtures) and ``fokker_planck`` support tests.
 ``import sdekit`` loads every documented submodule: ``sdekit.kernels``, ``sdekit.parameterization``,
-``sdekit.solvers``, ``sdekit.likelihood``, ``sdekit.oracles``, ``sdekit.studies``.
+``sdekit.solvers``, ``sdekit.likelihood``, ``sdekit.oracles``, ``sdekit.studies``,
+``sdekit.guidance`` (guided scores), ``sdekit.inverse`` (inpainting).
 
 Default ``t_eps`` (the data-side end of every time interval; stated once in
 ``docs/concepts.md``, "Where time stops: t_eps"): sampling (``SDE.reverse``,
@@ -51,6 +52,11 @@ from .likelihood import (
     log_likelihood,
 )
 from . import studies
+from .studies import work_precision
+from . import guidance
+from .guidance import classifier_free_guidance, classifier_guidance
+from . import inverse
+from .oracles import LabelledMixture
 from . import time_sampling
 from .time_sampling import sample_times
 from .config import process_config, process_from_config
@@ -66,5 +72,6 @@ __all__ = [
     "SolverError", "solvers", "oracles", "GaussianMixture", "fokker_planck_residual", "likelihood",
     "log_likelihood", "LikelihoodResult", "elbo", "ElboResult", "bits_per_dim", "DataTransform",
     "UniformDequantization", "studies", "SAMPLING_T_EPS", "LIKELIHOOD_T_EPS", "time_sampling", "sample_times",
-    "process_config", "process_from_config", "method_table",
+    "process_config", "process_from_config", "method_table", "work_precision", "guidance",
+    "classifier_free_guidance", "classifier_guidance", "inverse", "LabelledMixture",
 ]

@@ -156,8 +156,14 @@ class ClassifierFreeGuidance(GuidedScore):
     ----------
     cond, uncond:
         Score callables ``(x, t)``: conditional (the label fixed) and unconditional (the null label).
-    scale, sde, interval, noise_level:
-        See `GuidedScore`.
+    scale:
+        The guidance scale $w$; see `GuidedScore`.
+    sde:
+        The forward process (for an ``interval``); see `GuidedScore`.
+    interval:
+        Where to guide, in ``noise_level``; see `GuidedScore`.
+    noise_level:
+        ``"sigma"`` or ``"log_snr"``; see `GuidedScore`.
 
     Notes
     -----
@@ -193,8 +199,14 @@ class ClassifierGuidance(GuidedScore):
     log_prob:
         ``log_prob(x, t) -> (B,)``: $\log p_t(c \mid x)$ of the target class, differentiable in x
         (e.g. ``lambda x, t: classifier.log_prob(x, t, label)``).
-    scale, sde, interval, noise_level:
-        See `GuidedScore`.
+    scale:
+        The guidance scale $w$; see `GuidedScore`.
+    sde:
+        The forward process (for an ``interval``); see `GuidedScore`.
+    interval:
+        Where to guide, in ``noise_level``; see `GuidedScore`.
+    noise_level:
+        ``"sigma"`` or ``"log_snr"``; see `GuidedScore`.
 
     Notes
     -----

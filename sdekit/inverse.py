@@ -101,11 +101,21 @@ def replacement_sample(problem, x: torch.Tensor, mask, y: Optional[torch.Tensor]
         A `sdekit.ReverseSDE` or `sdekit.ProbabilityFlowODE` of a linear SDE (unconditional score).
     x:
         The starting state at the problem's ``t_start`` (its known part is replaced first).
-    mask, y:
-        The `Observation` (or a boolean mask and the observed values, see `Observation`).
-    method, steps, grid, generator, **options:
-        As for `sdekit.solve`, for a one-step method on a grid (multistep methods would restart at
-        every step and adaptive ones have no grid: both are refused).
+    mask:
+        The `Observation`, or a boolean mask of the known coordinates (with ``y``).
+    y:
+        The observed values (with a boolean ``mask``; see `Observation`).
+    method:
+        A one-step `sdekit.solve` method on a grid (multistep methods would restart at every
+        step and adaptive ones have no grid: both are refused).
+    steps:
+        Number of steps, as for `sdekit.solve`.
+    grid:
+        Grid kind or tensor of times, as for `sdekit.solve`.
+    generator:
+        Random generator of the stochastic methods and of the re-noised known part.
+    **options:
+        Passed to `sdekit.solve`.
 
     Returns
     -------
@@ -180,8 +190,10 @@ class ReconstructionGuidance(GuidedScore):
         The unconditional score callable ``(x, t)``.
     sde:
         The linear forward process (its kernel gives $m$, $\sigma$).
-    mask, y:
-        The `Observation` (or a boolean mask and the values).
+    mask:
+        The `Observation`, or a boolean mask of the known coordinates (with ``y``).
+    y:
+        The observed values (with a boolean ``mask``).
     scale:
         $\gamma \ge 0$ (0: the unconditional score).
     obs_var:

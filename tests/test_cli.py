@@ -196,3 +196,38 @@ def test_tutorial_python_block_runs(capsys):
     out = capsys.readouterr().out
     assert out.count("MMD") == 3 and "NLL gap" in out
     assert 0.0 < float(ns["gap"].mean()) < 0.5  # 300 steps: a rough model, but a model
+
+
+def test_conditional_train_and_guided_sampling(tmp_path, quick_run, capsys):
+    out = tmp_path / "cond"
+    code, _, err = run(["train", "--data", "mixture", "--data-option", "n=512", "--steps", "4", "--batch-size", "64",
+                        "--width", "32", "--depth", "1", "--device", "cpu", "--conditional", "--label-dropout", "0.2",
+                        "--out", out], capsys)
+    assert code == 0, err
+    npz = tmp_path / "g.npz"
+    code, o, err = run(["sample", "--checkpoint", out, "--sampler", "ddim", "--steps", "5", "--n", "16", "--label", "1",
+                        "--guidance", "2", "--out", npz], capsys)
+    assert code == 0, err
+    with np.load(npz) as z:
+        assert z["x"].shape == (16, 2) and int(z["nfe"]) == 10  # classifier-free guidance: two evaluations a step
+    code, o, err = run(["sample", "--checkpoint", out, "--sampler", "ddim", "--steps", "5", "--n", "16", "--label", "1",
+                        "--guidance", "2", "--guidance-interval", "0.1,5", "--out", npz], capsys)
+    assert code == 0, err
+    with np.load(npz) as z:  # outside the interval a step costs one evaluation
+        assert 5 < int(z["nfe"]) < 10
+    # bad guidance requests: one line each, exit 2
+    for argv, needle in [(["--guidance", "2"], "needs --label"),
+                         (["--label", "1", "--guidance", "nan"], "finite"),
+                         (["--label", "9", "--guidance", "1"], "out of range"),
+                         (["--label", "1", "--guidance-interval", "0,1"], "needs --guidance"),
+                         (["--label", "1", "--guidance", "1", "--guidance-interval", "2,1"], "LO,HI")]:
+        code, _, err = run(["sample", "--checkpoint", out, "--sampler", "ddim", "--steps", "2", "--n", "2"] + argv,
+                           capsys)
+        assert code == 2 and needle in err, (argv, err)
+    # an unconditional model cannot be guided or labelled
+    code, _, err = run(["sample", "--checkpoint", quick_run, "--sampler", "ddim", "--steps", "2", "--n", "2",
+                        "--label", "1"], capsys)
+    assert code == 2 and "class-conditional" in err
+    code, _, err = run(["train", "--data", "moons", "--steps", "2", "--label-dropout", "0.1", "--out", tmp_path / "m"],
+                       capsys)
+    assert code == 2 and "--conditional" in err
