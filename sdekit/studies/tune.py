@@ -46,7 +46,7 @@ from ..solvers.registry import get_method
 from ..solvers.solve import solve
 from ..solvers.stats import SolverError
 
-__all__ = ["TunedGrid", "tune_grid", "grid_error", "METRICS"]
+__all__ = ["TunedGrid", "tune_grid", "grid_error", "resample_grid", "METRICS"]
 
 F64 = torch.float64
 
@@ -255,6 +255,13 @@ class TunedGrid:
         """``sdekit.solve(problem, x, method=self.method, grid=self.grid, **self.options, **kw)``."""
         return solve(problem, x, method=self.method, grid=self.grid, **{**dict(self.options), **kw})
 
+    def resample(self, steps: int) -> torch.Tensor:
+        r"""The grid carried to another number of steps: $t(s)$, piecewise linear through the
+        knots $(k/N, t_k)$, read at $s = i/\text{steps}$ (monotone, same ends). For a method
+        with $e$ evaluations per step this is the grid for $\text{nfe} = e\cdot\text{steps}$;
+        how well it transfers is measured in ``docs/studies_tuning.md``."""
+        return resample_grid(self.grid, steps)
+
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-serialisable dict (floats are written exactly by ``json``)."""
         return {"format": FORMAT, "version": FORMAT_VERSION, "grid": self.grid.tolist(), "method": self.method,
@@ -288,6 +295,20 @@ class TunedGrid:
         return cls.from_dict(json.loads(s))
 
 
+def resample_grid(grid: torch.Tensor, steps: int) -> torch.Tensor:
+    r"""A monotone grid of ``steps`` steps following ``grid``'s spacing: the piecewise-linear
+    $t(s)$ through $(k/N, t_k)$, $k = 0..N$, read at $s = i/\text{steps}$; ends exact."""
+    g = make_grid(grid, 0.0, 0.0, 1)
+    steps = check_int(steps, "steps", 1)
+    n = g.numel() - 1
+    s = torch.arange(steps + 1, dtype=F64) * (n / steps)
+    k = s.floor().clamp(max=n - 1).long()
+    w = s - k.to(F64)
+    out = g[k] + w * (g[k + 1] - g[k])
+    out[0], out[-1] = g[0], g[-1]
+    return out
+
+
 def _grid_from_logits(z: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
     """$t_k = t_0 + (t_1 - t_0)\\sum_{i\\le k}\\mathrm{softmax}(z)_i$, ends exact."""
     u = torch.cumsum(torch.softmax(z.to(F64), dim=0), dim=0)
@@ -300,7 +321,7 @@ def tune_grid(problem, method: str, nfe: int, calibration_x: torch.Tensor, *,
               reference: Optional[torch.Tensor] = None, metric: str = "median",
               t_start: Optional[float] = None, t_end: Optional[float] = None,
               init: Union[str, torch.Tensor, None] = None, max_evals: int = 4000, max_seconds: float = 60.0,
-              xtol: float = 1e-3, ftol: float = 1e-4, options: Optional[Mapping[str, Any]] = None) -> TunedGrid:
+              xtol: float = 1e-3, ftol: float = 1e-4, coarse: int = 4, options: Optional[Mapping[str, Any]] = None) -> TunedGrid:
     r"""Optimise the time grid of ``method`` at ``nfe`` score evaluations on a calibration batch.
 
     Parameters
@@ -335,6 +356,9 @@ def tune_grid(problem, method: str, nfe: int, calibration_x: torch.Tensor, *,
         seen is returned when either runs out.
     xtol, ftol:
         Powell's tolerances on the logits and on the log of the statistic.
+    coarse:
+        Size of the smooth first stage: the logits first move along ``coarse`` cosines
+        $\cos(k\pi s)$, $s$ the step's position in $(0, 1)$, then every logit moves; 0 skips it.
     options:
         Options of ``method`` (e.g. ``{"predict": "noise"}``), used for every solve.
 
@@ -360,6 +384,7 @@ def tune_grid(problem, method: str, nfe: int, calibration_x: torch.Tensor, *,
     check_choice(metric, "metric", METRICS)
     max_evals = check_int(max_evals, "max_evals", 1)
     max_seconds = check_positive(max_seconds, "max_seconds")
+    coarse = check_int(coarse, "coarse", 0)
     xtol, ftol = check_positive(xtol, "xtol"), check_positive(ftol, "ftol")
     t0 = problem.t_start if t_start is None else check_real(t_start, "t_start")
     t1 = problem.t_end if t_end is None else check_real(t_end, "t_end")
@@ -425,11 +450,26 @@ def tune_grid(problem, method: str, nfe: int, calibration_x: torch.Tensor, *,
         # Powell's line searches need finite values: a failed grid scores far above the start
         return f if math.isfinite(f) else best["f"] + 2 * LOGIT_BOUND * max(1, steps)
 
+    def powell(to_theta, start: torch.Tensor, bound: float) -> None:
+        minimize(lambda c: objective(to_theta(torch.as_tensor(c, dtype=F64))), start.numpy(), method="Powell",
+                 bounds=[(-bound, bound)] * start.numel(), options={"xtol": xtol, "ftol": ftol, "maxfev": max_evals})
+
     if steps > 1 and best["f"] > -math.inf:
         try:
-            minimize(objective, best["theta"].numpy(), method="Powell",
-                     bounds=[(-LOGIT_BOUND, LOGIT_BOUND)] * (steps - 1),
-                     options={"xtol": xtol, "ftol": ftol, "maxfev": max_evals})
+            # stage 1: a smooth change of the logits, theta_i = sum_k c_k cos(k pi s_i), few numbers
+            k = min(coarse, steps - 1)
+            if k > 0 and k < steps - 1:
+                s_mid = (torch.arange(1, steps, dtype=F64) + 0.5) / steps
+                basis = torch.cos(math.pi * torch.arange(1, k + 1, dtype=F64)[:, None] * s_mid[None, :])
+                powell(lambda c: c @ basis, torch.zeros(k, dtype=F64), LOGIT_BOUND / k)
+            # stage 2: every logit, from the best grid so far; restarted (fresh directions) while it
+            # still gains more than ftol
+            while True:
+                f_before, theta1 = best["f"], best["theta"].clone()
+                powell(lambda c, th=theta1: (th + c).clamp(-LOGIT_BOUND, LOGIT_BOUND),
+                       torch.zeros(steps - 1, dtype=F64), LOGIT_BOUND)
+                if not best["f"] < f_before - ftol:
+                    break
         except _Budget:
             pass
     g = grid_of(best["theta"]) if steps > 1 else g_init
