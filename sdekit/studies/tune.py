@@ -36,7 +36,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
@@ -321,7 +321,8 @@ def tune_grid(problem, method: str, nfe: int, calibration_x: torch.Tensor, *,
               reference: Optional[torch.Tensor] = None, metric: str = "median",
               t_start: Optional[float] = None, t_end: Optional[float] = None,
               init: Union[str, torch.Tensor, None] = None, max_evals: int = 4000, max_seconds: float = 60.0,
-              xtol: float = 1e-3, ftol: float = 1e-4, coarse: int = 4, options: Optional[Mapping[str, Any]] = None) -> TunedGrid:
+              xtol: float = 1e-3, ftol: float = 1e-4, coarse: int = 4,
+              options: Optional[Mapping[str, Any]] = None) -> TunedGrid:
     r"""Optimise the time grid of ``method`` at ``nfe`` score evaluations on a calibration batch.
 
     Parameters
