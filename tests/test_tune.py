@@ -81,6 +81,8 @@ def test_serialisation_round_trip_is_exact(setup):
         TunedGrid.from_dict({**tg.to_dict(), "format": "something else"})
     with pytest.raises(ValueError, match="steps"):
         TunedGrid.from_dict({**tg.to_dict(), "steps": tg.steps + 1})
+    with pytest.raises(ValueError, match="nfe=11 is not steps x evals per step"):
+        TunedGrid.from_dict({**tg.to_dict(), "nfe": tg.nfe + 1})
     bad = tg.to_dict()
     bad["grid"] = bad["grid"][:3] + [bad["grid"][1]] + bad["grid"][4:]  # not monotone
     with pytest.raises(ValueError, match="monotone"):

@@ -230,8 +230,8 @@ class TunedGrid:
         if self.grid.numel() != steps + 1:
             raise ValueError(f"grid has {self.grid.numel()} times but steps={steps} needs {steps + 1}")
         nfe = check_int(self.nfe, "nfe", 1)
-        if nfe < steps * info.evals_per_step:
-            raise ValueError(f"nfe={nfe} is below steps x evals per step = {steps} x {info.evals_per_step} "
+        if nfe != steps * info.evals_per_step:
+            raise ValueError(f"nfe={nfe} is not steps x evals per step = {steps} x {info.evals_per_step} "
                              f"for method {self.method!r}")
         check_choice(self.metric, "metric", METRICS)
 
