@@ -17,6 +17,7 @@ from ..parameterization import tweedie_mean
 from .context import Context
 from .fixed import grid_method
 from .registry import options_of
+from .stats import EVALS_ATTR, call_counted
 
 __all__ = ["euler", "heun", "rk4", "euler_maruyama", "stochastic_heun", "reverse_diffusion", "ancestral",
            "pc", "ddim", "langevin", "annealed_langevin"]
@@ -135,9 +136,15 @@ def _euler_maruyama_linear(ctx: Context, x: torch.Tensor, tv, A, C, S) -> torch.
     noise = torch.empty_like(x)
     hook = ctx.step_done if (ctx._save_idx or ctx._check_every != 1) else None
 
+    reports = getattr(fn, EVALS_ATTR, None) is not None  # a guided score counts its network evaluations
+
     def step(i: int) -> None:
-        counter.count += 1
-        s = fn(x, tv[i])
+        if reports:
+            s, evals = call_counted(fn, x, tv[i])
+            counter.count += evals
+        else:
+            counter.count += 1
+            s = fn(x, tv[i])
         if s.shape != shape:
             raise ValueError(f"score(x, t) must return a tensor shaped like x {tuple(shape)}, got {tuple(s.shape)}")
         x.add_(s, alpha=C[i]).mul_(A[i]).add_(torch.randn(shape, generator=gen, out=noise), alpha=S[i])

@@ -352,11 +352,15 @@ def tune_grid(problem, method: str, nfe: int, calibration_x: torch.Tensor, *,
         Start of the optimisation: ``None`` (default) for the best of the fixed grid kinds on the
         calibration batch (``"log_snr"`` and ``"edm"`` only for linear SDEs), a kind, or a tensor
         of ``steps + 1`` times.
-    max_evals, max_seconds:
-        Budget of the optimiser: objective evaluations (solves) and wall time. The best grid
-        seen is returned when either runs out.
-    xtol, ftol:
-        Powell's tolerances on the logits and on the log of the statistic.
+    max_evals:
+        Budget of the optimiser in objective evaluations (solves); the best grid seen is
+        returned when it (or ``max_seconds``) runs out.
+    max_seconds:
+        Budget of the optimiser in wall-clock seconds (likewise).
+    xtol:
+        Powell's tolerance on the logits.
+    ftol:
+        Powell's tolerance on the log of the statistic.
     coarse:
         Size of the smooth first stage: the logits first move along ``coarse`` cosines
         $\cos(k\pi s)$, $s$ the step's position in $(0, 1)$, then every logit moves; 0 skips it.
