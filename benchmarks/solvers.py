@@ -60,7 +60,6 @@ import torchdiffeq  # noqa: E402
 import torchsde  # noqa: E402
 
 import sdekit  # noqa: E402
-from sdekit.oracles import GaussianMixture  # noqa: E402
 from sdekit.solvers import make_grid, solve  # noqa: E402
 from sdekit.solvers.stats import CountingFunction  # noqa: E402
 from sdekit.studies import Reference, StudyProblem, energy_distance, noise_floor, work_precision  # noqa: E402
@@ -430,17 +429,8 @@ def print_overhead(res: Dict) -> str:
 # ------------------------------------------------------------------------------------------------
 # dopri5: sdekit's torchdiffeq backend vs torchdiffeq.odeint directly
 # ------------------------------------------------------------------------------------------------
-def mixture_2d() -> GaussianMixture:
-    return GaussianMixture(torch.ones(4), [[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]], torch.full((4,), 0.01))
-
-
-def mixture_nd(d: int, K: int = 8, seed: int = 0) -> GaussianMixture:
-    """K modes in d dimensions: means N(0, I), diagonal stds uniform in [0.05, 0.3], weights in [1, 2]."""
-    g = torch.Generator().manual_seed(seed)
-    means = torch.randn(K, d, generator=g, dtype=F64)
-    std = 0.05 + 0.25 * torch.rand(K, d, generator=g, dtype=F64)
-    w = 1.0 + torch.rand(K, generator=g, dtype=F64)
-    return GaussianMixture(w, means, std ** 2)
+# the benchmark mixtures: one definition, in sdekit.studies.named (the named studies use them too)
+from sdekit.studies.named import mixture_2d, mixture_nd  # noqa: E402
 
 
 def bench_dopri5(cfg) -> Dict:

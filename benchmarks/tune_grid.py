@@ -49,7 +49,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import sdekit  # noqa: E402
-from sdekit.oracles import GaussianMixture  # noqa: E402
 from sdekit.solvers import solve  # noqa: E402
 from sdekit.solvers.grids import GRID_KINDS  # noqa: E402
 from sdekit.solvers.registry import get_method  # noqa: E402
@@ -118,18 +117,8 @@ def table(headers: List[str], rows: List[List]) -> str:
 # ------------------------------------------------------------------------------------------------
 # problems
 # ------------------------------------------------------------------------------------------------
-def mixture_2d() -> GaussianMixture:
-    """benchmarks/solvers.py's 2-D mixture: four modes at (+-1, +-1), std 0.1."""
-    return GaussianMixture(torch.ones(4), [[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]], torch.full((4,), 0.01))
-
-
-def mixture_nd(d: int, K: int = 8, seed: int = 0) -> GaussianMixture:
-    """benchmarks/solvers.py's K modes in d dimensions: means N(0, I), stds in [0.05, 0.3], weights in [1, 2]."""
-    g = torch.Generator().manual_seed(seed)
-    means = torch.randn(K, d, generator=g, dtype=F64)
-    std = 0.05 + 0.25 * torch.rand(K, d, generator=g, dtype=F64)
-    w = 1.0 + torch.rand(K, generator=g, dtype=F64)
-    return GaussianMixture(w, means, std ** 2)
+# the benchmark mixtures: one definition, in sdekit.studies.named (the named studies use them too)
+from sdekit.studies.named import mixture_2d, mixture_nd  # noqa: E402
 
 
 def custom_sde() -> sdekit.LinearSDE:

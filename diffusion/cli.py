@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 __all__ = ["main", "build_parser", "CLIError"]
 
@@ -308,8 +308,6 @@ def _build_net(kind: str, data, width: int, depth: int, num_classes: Optional[in
 
 
 def cmd_train(args) -> int:
-    import torch  # noqa: F401
-
     from . import distributed as D
     from .losses import DSMLoss
     from .model import ScoreModel

@@ -698,7 +698,7 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
     """
     req = _request(sde, score, x, t_eps, method, rtol, atol, divergence, probe, n_probes, generator, adjoint, norm,
                    prior, exact_dim_limit, max_steps, params, backend)
-    x, t_eps, mode, K, d, B = req.x, req.t_eps, req.mode, req.n_probes, req.d, int(req.x.shape[0])
+    x, t_eps, mode, K, B = req.x, req.t_eps, req.mode, req.n_probes, int(req.x.shape[0])
     norm = resolve_norm(norm, method, backend, req.wants_grad, adjoint, options)  # "auto" -> a norm
 
     # ---- set up ----------------------------------------------------------------------------------
