@@ -1,4 +1,5 @@
-"""CPU benchmark: sdekit.likelihood.log_likelihood against the classic score_sde recipe.
+"""CPU benchmark: sdekit.likelihood.log_likelihood against the classic score_sde recipe (VP) and the
+k-diffusion recipe (VE, section ``ve``: see `kdiffusion_likelihood`).
 
 Not a test. Prints a markdown table and writes JSON (default ``benchmarks/results/likelihood_cpu.json``).
 
@@ -94,6 +95,48 @@ def classic_likelihood(sde, score, data, prior_log_prob, *, t_eps=1e-5, rtol=1e-
         delta_logp = torch.from_numpy(zp[-B:]).to(data.device)
         logp = prior_log_prob(z.to(F64)).to(F64) + delta_logp
     return logp, int(solution.nfev), time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------
+# the k-diffusion recipe (k_diffusion/sampling.py ``log_likelihood``, re-implemented on the same
+# score and process): the PF ODE in sigma-time, dx/dsigma = (x - D(x, sigma)) / sigma with the
+# denoiser D = x + sigma^2 s, integrated by torchdiffeq's dopri5 from sigma_min to sigma_max on the
+# tuple state (x, delta), one Rademacher probe drawn once, the divergence by one autograd.grad of
+# (d * v).sum(). For a VE process (m = 1) sigma is the kernel std and t(sigma) its inverse.
+# ------------------------------------------------------------------------------------------------
+def kdiffusion_likelihood(sde, score, data, prior_log_prob, *, sigma_min, sigma_max, rtol=1e-5, atol=1e-5,
+                          generator=None):
+    """k-diffusion's ``log_likelihood`` on a VE process; returns (log_prob, nfe, wall)."""
+    import torchdiffeq
+
+    kernel = sde.kernel
+    t0 = time.perf_counter()
+    s_in = data.new_ones([data.shape[0]])
+    v = torch.randint(0, 2, data.shape, generator=generator).to(data.dtype) * 2 - 1
+    fevals = 0
+
+    def t_of(sigma):  # the time at which the VE kernel std is sigma (log-SNR = -2 log sigma)
+        return kernel.t_from_log_snr(-2.0 * torch.log(sigma.to(F64)))
+
+    def ode_fn(sigma, state):
+        nonlocal fevals
+        with torch.enable_grad():
+            x = state[0].detach().requires_grad_()
+            t = t_of(sigma) * s_in.to(F64)
+            denoised = x + sigma.to(x.dtype) ** 2 * score(x, t)
+            d = (x - denoised) / sigma.to(x.dtype)  # k-diffusion's to_d
+            fevals += 1
+            grad = torch.autograd.grad((d * v).sum(), x)[0]
+            d_ll = (v * grad).flatten(1).sum(1)
+        return d.detach(), d_ll
+
+    with torch.no_grad():
+        x_min = data, data.new_zeros([data.shape[0]])
+        ts = data.new_tensor([sigma_min, sigma_max])
+        sol = torchdiffeq.odeint(ode_fn, x_min, ts, atol=atol, rtol=rtol, method="dopri5")
+        latent, delta_ll = sol[0][-1], sol[1][-1]
+        logp = prior_log_prob(latent.to(F64)).to(F64) + delta_ll.to(F64)
+    return logp, fevals, time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,6 +260,87 @@ def run(quick: bool, repeats: int, out: str | None, threads: int | None):
     return payload
 
 
+_VE_VARIANTS = [
+    # (label, recipe, norm, oracle backward)
+    ("k-diffusion recipe (sigma-time dopri5, torchdiffeq)", "kdiff", None, "analytic"),
+    ("sdekit log_likelihood (defaults)", "sdekit", "auto", "analytic"),
+    ("sdekit log_likelihood, norm=batch", "sdekit", "batch", "analytic"),
+    ("k-diffusion recipe, autograd oracle", "kdiff", None, "autograd"),
+    ("sdekit, autograd oracle (defaults)", "sdekit", "auto", "autograd"),
+]
+
+
+def run_ve(quick: bool, repeats: int):
+    """VE: ``log_likelihood`` against the k-diffusion recipe on the same interval (kernel std from
+    k-diffusion's sigma_min = 0.01 to sigma(T)), the same exact prior p_T, tolerances and probe
+    distribution (one Rademacher probe, fresh per repeat, the same for both recipes)."""
+    sde = sdekit.VESDE(sigma_min=0.01, sigma_max=50.0)
+    tol, sigma_lo = 1e-5, 0.01
+    t_eps = float(sde.kernel.t_from_log_snr(torch.tensor(-2.0 * math.log(sigma_lo), dtype=F64)))
+    sigma_hi = float(sde.kernel.sigma(torch.tensor(sde.T, dtype=F64)))
+    cases = [(64, 128), (2, 512)] if not quick else [(2, 32)]
+    rows = []
+    for d, B in cases:
+        gm, x = make_problem(d, B, seed=d)
+        # torchdiffeq steps past the end time and interpolates back, so the k-diffusion recipe
+        # evaluates the score a little beyond sigma(T) (a network takes any sigma). The oracle's
+        # process is therefore the same VE kernel continued to T' = 1.5 (sigma_max' chosen so that
+        # sigma(t) is the same function of t); both recipes get this one score.
+        ext = sdekit.VESDE(sigma_min=sde.sigma_min, sigma_max=sde.sigma_min * (sde.sigma_max / sde.sigma_min) ** 1.5,
+                           T=1.5)
+        scores = {"analytic": gm.exact_score(ext), "autograd": gm.exact_score(ext, analytic_vjp=False)}
+        exact = gm.exact_log_prob(sde)(x.to(F64), t_eps)
+        pT = gm.push(sde, sde.T)
+        for sc in scores.values():  # warm-up, untimed
+            kdiffusion_likelihood(sde, sc, x[:4], pT.log_prob, sigma_min=sigma_lo, sigma_max=sigma_hi, rtol=1e-2,
+                                  atol=1e-2)
+            log_likelihood(sde, sc, x[:4], t_eps=t_eps, rtol=1e-2, atol=1e-2, prior=pT)
+        acc = {v: {"walls": [], "nfes": [], "errs": []} for v in _VE_VARIANTS}
+        for rep in range(repeats):
+            for v in _VE_VARIANTS:
+                name, recipe, norm, oracle = v
+                gen = torch.Generator().manual_seed(100 + rep)
+                t0 = time.perf_counter()
+                if recipe == "kdiff":
+                    logp, nfe, _ = kdiffusion_likelihood(sde, scores[oracle], x, pT.log_prob, sigma_min=sigma_lo,
+                                                         sigma_max=sigma_hi, rtol=tol, atol=tol, generator=gen)
+                else:
+                    r = log_likelihood(sde, scores[oracle], x, t_eps=t_eps, rtol=tol, atol=tol,
+                                       divergence="hutchinson", n_probes=1, generator=gen, prior=pT, norm=norm)
+                    logp = r.log_prob
+                    nfe = r.stats.nfe if r.stats.sample_evals is None else r.stats.sample_evals / B
+                acc[v]["walls"].append(time.perf_counter() - t0)
+                acc[v]["nfes"].append(nfe)
+                acc[v]["errs"].append(errors(logp, exact, d))
+        for v in _VE_VARIANTS:
+            name, recipe, norm, oracle = v
+            a = acc[v]
+            ref = acc[next(u for u in _VE_VARIANTS if u[1] == "kdiff" and u[3] == oracle)]["walls"]
+            row = {"recipe": name, "d": d, "B": B, "oracle_backward": oracle, "norm": norm,
+                   "nfe_per_sample": float(statistics.median(a["nfes"])), "wall_s": min(a["walls"]),
+                   "wall_s_median": statistics.median(a["walls"]), "wall_s_per_repeat": a["walls"],
+                   "err_mean": statistics.mean(e["err_mean"] for e in a["errs"]),
+                   "err_max": max(e["err_max"] for e in a["errs"]),
+                   "speedup_vs_kdiffusion": min(ref) / min(a["walls"]),
+                   "speedup_paired_median": statistics.median(c / w for c, w in zip(ref, a["walls"]))}
+            rows.append(row)
+            print(f"  done: VE {name} d={d} B={B}: {row['wall_s']:.3f}s nfe={row['nfe_per_sample']:.1f} "
+                  f"err={row['err_mean']:.3g} x{row['speedup_vs_kdiffusion']:.2f}", file=sys.stderr)
+    lines = ["| recipe | oracle backward | d | B | NFE per sample (median) | wall [s] (best) | "
+             "speed-up vs k-diffusion (best / paired median) | err mean [nats/dim] | err max |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['recipe']} | {r['oracle_backward']} | {r['d']} | {r['B']} | {r['nfe_per_sample']:.1f} | "
+                     f"{r['wall_s']:.3f} | {r['speedup_vs_kdiffusion']:.2f}x / {r['speedup_paired_median']:.2f}x | "
+                     f"{r['err_mean']:.2e} | {r['err_max']:.2e} |")
+    print(f"\n### VE likelihood vs the k-diffusion recipe ({sde!r}; kernel std {sigma_lo} -> {sigma_hi:.2f}, "
+          f"t_eps = {t_eps:.4g}; tol {tol:g}; exact mixture score; one Rademacher probe; exact p_T prior; "
+          f"{repeats} interleaved repeats, wall time end to end)\n")
+    print("\n".join(lines))
+    return {"sde": repr(sde), "t_eps": t_eps, "sigma_min": sigma_lo, "sigma_max": sigma_hi, "tol": tol,
+            "rows": rows}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny problems, one repeat (smoke test)")
@@ -224,12 +348,25 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/likelihood_cpu.json; "
                                                "none for --quick unless given)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--only", default="vp,ve", help="sections: vp (vs score_sde's recipe), ve (vs k-diffusion's)")
     a = p.parse_args(argv)
     repeats = a.repeats or (1 if a.quick else 7)
     out = a.out
     if out is None and not a.quick:
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "likelihood_cpu.json")
-    run(a.quick, repeats, out, a.threads)
+    only = {x.strip() for x in a.only.split(",") if x.strip()}
+    if not only or only - {"vp", "ve"}:
+        p.error(f"--only takes vp and/or ve, got {a.only!r}")
+    payload = run(a.quick, repeats, None, a.threads) if "vp" in only else {}
+    if "ve" in only:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        payload["ve"] = run_ve(a.quick, repeats)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
