@@ -143,8 +143,8 @@ def _quickstart_mixture(out: Path, device: torch.device, quick: bool, seed: int,
     n_train = 4000 if quick else 100_000
     train_set = get_dataset("mixture", n=n_train, seed=seed)
     mixture = train_set.mixture
-    steps = steps if steps is not None else (150 if quick else 4000)
-    n_samples = 256 if quick else 2000
+    steps = steps if steps is not None else (150 if quick else 2500)
+    n_samples = 256 if quick else 1500
     n_nll = 64 if quick else 500
     floor_repeats = 5 if quick else 25
 
@@ -382,7 +382,7 @@ def run_quickstart(out, data: str = "mixture", device: str = "cpu", quick: bool 
     seed:
         Seed of the data, the training run and the sampling noise.
     steps:
-        Training steps (default 4000 for the mixture, 3000 for digits; 150 / 20 with ``quick``).
+        Training steps (default 2500 for the mixture, 3000 for digits; 150 / 20 with ``quick``).
     log:
         Where the progress lines and the final report go.
     """
