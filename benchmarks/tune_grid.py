@@ -69,15 +69,8 @@ FIXED_METHODS = [("euler", {}), ("heun", {}), ("rk4", {}), ("ddim", {}), ("dpm_s
 # ------------------------------------------------------------------------------------------------
 # machine, formatting
 # ------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from solvers import cpu_model  # noqa: E402  (benchmarks/solvers.py: one machine description)
 
 
 def load() -> Optional[List[float]]:
