@@ -169,7 +169,7 @@ _VARIANTS = [
 ]
 
 
-def run(quick: bool, repeats: int, out: str | None, threads: int | None):
+def run(quick: bool, repeats: int, threads: int | None):
     if threads:
         torch.set_num_threads(threads)
     sde = sdekit.VPSDE()
@@ -250,14 +250,8 @@ def run(quick: bool, repeats: int, out: str | None, threads: int | None):
     for r in [r for r in bias if r["recipe"] == "sdekit log_likelihood"]:
         print(f"\nDefault prior N(0, sigma(T)^2 I) instead of the exact p_T would add a bias of "
               f"{r['default_prior_bias_mean']:.2e} nats/dim (mean |.|) at d = {r['d']} (same for both recipes).")
-    payload = {"machine": machine, "quick": quick, "sde": repr(sde), "t_eps": t_eps, "tol": tol,
-               "rows": rows, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"\nwrote {out}")
-    return payload
+    return {"machine": machine, "quick": quick, "sde": repr(sde), "t_eps": t_eps, "tol": tol,
+            "rows": rows, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 _VE_VARIANTS = [
@@ -357,7 +351,7 @@ def main(argv=None):
     only = {x.strip() for x in a.only.split(",") if x.strip()}
     if not only or only - {"vp", "ve"}:
         p.error(f"--only takes vp and/or ve, got {a.only!r}")
-    payload = run(a.quick, repeats, None, a.threads) if "vp" in only else {}
+    payload = run(a.quick, repeats, a.threads) if "vp" in only else {}
     if "ve" in only:
         if a.threads:
             torch.set_num_threads(a.threads)

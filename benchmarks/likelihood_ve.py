@@ -40,7 +40,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import sdekit  # noqa: E402
 from sdekit.likelihood import log_likelihood  # noqa: E402
-from sdekit.oracles import GaussianMixture  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from likelihood_cpu import make_problem as cpu_problem  # noqa: E402  (one definition of the mixtures)
 
 F64 = torch.float64
 T_EPS = 1e-5
@@ -58,12 +60,8 @@ def processes():
 
 
 def make_problem(d, B, seed, K=4):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.rand(K, generator=g, dtype=F64) + 0.5
-    mu = torch.randn(K, d, generator=g, dtype=F64)
-    var = 0.3 + 0.7 * torch.rand(K, d, generator=g, dtype=F64)
-    gm = GaussianMixture(w, mu, var)
-    x = gm.sample(B, generator=g).to(torch.float32)
+    """likelihood_cpu.py's mixture and points, plus per-dimension data moments from 20000 fresh draws."""
+    gm, x = cpu_problem(d, B, seed, K)
     ref = gm.sample(20000, generator=torch.Generator().manual_seed(seed + 1))
     return gm, x, (ref.mean(0), ref.var(0))
 
