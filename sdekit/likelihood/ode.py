@@ -540,7 +540,8 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
                    norm: str = "auto", prior: Any = None, exact_dim_limit: int = 16,
                    max_steps: Optional[int] = None, params: Optional[Sequence[torch.Tensor]] = None,
                    options: Optional[Dict[str, Any]] = None, backend: str = "auto",
-                   precondition: Union[bool, str] = "auto", data_moments: Any = None) -> LikelihoodResult:
+                   precondition: Union[bool, str] = "auto", data_moments: Any = None,
+                   target_stderr: Optional[float] = None) -> LikelihoodResult:
     r"""Log-likelihood $\log p_{t_\varepsilon}(x)$ (nats per sample) by the probability-flow ODE.
 
     Integrates $dx/dt = v$, $d\Delta/dt = \nabla\cdot v$ from $t_\varepsilon$ to
@@ -642,6 +643,15 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
         $u = x/\sqrt{1 + \sigma^2}$, EDM's input scaling). Never estimated from the batch: a
         sample's result must not depend on what else is in its batch. Any moments give the same
         log-density up to the solver error; better ones give fewer steps.
+    target_stderr:
+        Accuracy-targeted mode (`sdekit.likelihood.targeted`): the wanted standard error of each
+        sample's ``log_prob`` in **nats per dimension** ($\varepsilon$; $\varepsilon d$ nats per
+        sample). The tolerance ($\min(10^{-3}, \varepsilon/10)$), the estimator (exact when
+        $d \le$ ``exact_dim_limit``, else Hutchinson) and each sample's number of probes (from a
+        pilot solve's per-sample probe variance) are chosen; ``stderr`` stays the measured one and
+        ``stats.extra["targeted"]`` records the plan (pilot included in ``nfe``). Incompatible with
+        ``n_probes``, ``rtol``/``atol`` other than the defaults, ``divergence`` other than
+        ``"auto"``, ``norm`` other than ``"auto"`` and ``adjoint=True`` (``ValueError``).
 
     Returns
     -------
@@ -696,6 +706,9 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
     >>> res = log_likelihood(sde, gm.exact_score(sde), x, divergence="exact")
     >>> err = (res.log_prob - gm.exact_log_prob(sde)(x, 1e-5)).abs().max()
     """
+    if target_stderr is not None:  # accuracy-targeted mode: the plan calls back into this function
+        from .targeted import _dispatch
+        return _dispatch(sde, score, x, target_stderr, locals())
     req = _request(sde, score, x, t_eps, method, rtol, atol, divergence, probe, n_probes, generator, adjoint, norm,
                    prior, exact_dim_limit, max_steps, params, backend)
     x, t_eps, mode, K, B = req.x, req.t_eps, req.mode, req.n_probes, int(req.x.shape[0])
