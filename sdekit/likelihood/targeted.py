@@ -11,32 +11,50 @@ tolerance at low cost:
    $1.5\cdot10^{-3}$ nats/dim at tol $10^{-3}$, $1.2\cdot10^{-3}$ at $3\cdot10^{-4}$,
    $2.5\cdot10^{-4}$ at $10^{-4}$, i.e. at most $\approx 4\tau$; with $\tau = \varepsilon/10$ the
    solver error is $\lesssim 0.4\varepsilon$ and adds $\lesssim 8\%$ in quadrature to the probe
-   error. The stderr does NOT include it (it is a bias common to all probes, controlled by
-   the tolerance); the coverage tests check that it is small enough.
+   error. The stderr includes its measured scale (point 3).
 2. **Exact divergence** for the whole batch when $d \le$ ``exact_dim_limit`` (no probe error;
-   then only the tolerance is chosen), and for each sample whose planned number of probes
+   then only the tolerance is chosen, and a second exact solve at $\tau/10$ gives the
+   solver-error scale reported as the stderr), and for each sample whose planned number of probes
    reaches $d$ (the $d$ basis vectors then cost no more than the probes and leave no variance).
-3. **Pilot.** One solve of the whole batch with ``pilot_probes`` $= K_0$ Rademacher probes at
-   tolerance $\tau$ gives, per sample $b$, the sample variance $s_b^2$ of the single-probe
-   estimates of $\log p$.
-4. **Probes per sample.** Sample $b$ needs $K_b = \lceil \kappa\, s_b^2 / (\varepsilon d)^2\rceil$
-   probes in all ($\kappa$ = `_PLAN_INFLATION` guards against a pilot that underestimated the
-   variance). Samples with $K_b \le K_0$ are done; the others are grouped into buckets of
-   geometrically growing size ($K_0, 2K_0, 4K_0, \dots$ extra probes, so at most a factor 2 is
-   over-spent per sample) and each bucket is one more solve of just those samples with fresh
-   probes. Per-sample stepping (``norm="independent"``) makes a sample's trajectory independent
-   of which other samples share its solve.
-5. **Pooling.** Every probe $k$ of every solve gives a complete estimate
-   $\hat\ell_{bk} = \log p_T(z_b) + \hat\Delta_{bk}$; the result is their mean over the
-   $K_b$ probes of sample $b$ and ``stderr`` $= \mathrm{std}_k(\hat\ell_{bk})/\sqrt{K_b}$
-   (sample std). All probes are independent draws, so the mean is unbiased whatever $K_b$ is;
-   the pilot's probes also decided $K_b$, which makes the pooled stderr very slightly
-   optimistic for samples that stop after the pilot (measured coverage in the tests).
+3. **Pilot and solver check.** One solve of the whole batch with ``pilot_probes`` $= K_0 = 4$
+   Rademacher probes at tolerance $\tau$ gives, per sample $b$, the sample variance $s_b^2$ of
+   the single-probe estimates $\hat\ell_{bk} = \log p_T(z_b) + \hat\Delta_{bk}$ of $\log p$. A
+   second solve with ONE probe — the pilot's first (same seed) — at $\tau/10$ differs from the
+   pilot's first estimate by solver error only; its RMS over the batch, $\sigma_{ode}$, is the
+   solver-error scale at $\tau$ (one number: per sample the solver error of the later solves,
+   which take other steps, scatters around it).
+4. **Probes per sample.** Sample $b$ gets $K_b = \lceil \kappa\, s_b^2 / (\varepsilon d)^2\rceil$
+   probes, at least $K_{min} = 8$, rounded up to a bucket $8\cdot 2^j$ (so at most 2x
+   over-spent); $\kappa = 1.5$ (`_PLAN_INFLATION`) pads for pilots that under-estimated the
+   variance. Each bucket is one solve of just its samples with FRESH probes (per-sample stepping,
+   ``norm="independent"``, makes a sample's trajectory independent of its batch-mates). A sample
+   whose plan reaches $K_b \ge d$ gets the exact divergence instead ($d$ VJPs, no probe
+   variance), solved at $\tau/10$.
+5. **Estimate and stderr.** $\log p_b$ is the mean of the $K_b$ fresh estimates; the pilot's
+   probes only plan (pooling them would bias both the mean and the stderr: the samples that
+   stop early are those whose pilot happened to spread little). The reported
 
-The result is an ordinary `LikelihoodResult`; ``n_probes`` is the smallest $K_b$ (so
-`LikelihoodResult.confidence_interval`, a Student-t interval with ``n_probes - 1`` degrees of
-freedom, is conservative for every sample), ``delta_per_probe`` holds the pilot's $K_0$
-probes (common to all samples), and ``stats.extra["targeted"]`` records the plan.
+   $$ \mathrm{stderr}_b = \sqrt{\frac{\mathrm{std}_k(\hat\ell_{bk})^2}{K_b} + \sigma_{ode}^2} $$
+
+   (probe part 0 for exact samples), so $\pm1.96\,\mathrm{stderr}$ is meant as a 95% interval
+   for the total error, probes and solver; the tests measure its coverage against exact
+   densities.
+
+**Control variate (not built).** On the mixture the score Jacobian is diagonal + rank 3, and a
+Rademacher probe's error $v^\top M v - \mathrm{tr}M$ comes only from the off-diagonal (low-rank)
+part; a shifted low-rank control variate could cut it at a few extra VJPs per evaluation. It is
+not implemented here; the per-sample allocation above is the gain.
+
+The result is an ordinary `LikelihoodResult`; ``n_probes`` is the smallest $K_b$ among the
+Hutchinson samples (so `LikelihoodResult.confidence_interval`, a Student-t interval with
+``n_probes - 1`` degrees of freedom, is the conservative one for every sample but does not
+include $\sigma_{ode}$), ``delta_per_probe`` holds the pilot's $K_0$ probes (common to all
+samples; planning only), ``z`` is the pilot's, and ``stats.extra["targeted"]`` records the plan:
+``estimator``, ``rtol``/``atol``, ``pilot_probes``, ``pilot_nfe``, ``check_nfe``,
+``solver_rms`` (nats per sample), ``probes_per_sample`` (0 = exact), ``exact_samples``, ``plan``
+(per bucket: estimator, probes, samples, nfe) and ``solves``. ``stats.nfe`` and
+``extra["score_calls"]`` are summed over all solves, pilot and check included; ``wall_time`` is
+end to end.
 """
 
 from __future__ import annotations
