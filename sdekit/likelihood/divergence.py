@@ -33,7 +33,8 @@ import torch
 from .._validation import check_choice, check_generator, check_int
 
 __all__ = ["exact_divergence", "hutchinson_divergence", "draw_probes", "PROBES",
-           "exact_divergence_of", "hutchinson_divergence_of", "NotDifferentiableError"]
+           "exact_divergence_of", "hutchinson_divergence_of", "lowrank_cv_divergence_of", "CV_SKETCH",
+           "NotDifferentiableError"]
 
 PROBES = ("rademacher", "gaussian")
 
@@ -121,6 +122,94 @@ def hutchinson_divergence_of(out: torch.Tensor, x: torch.Tensor, probes: torch.T
     # sum over the data dimension as a matrix-vector product: on the CPU a reduction over a short
     # trailing axis (d = 2) costs ~8x a product with a ones vector
     return (prod @ _ones(prod.shape[-1], prod.dtype, prod.device)).transpose(0, 1)
+
+
+#: sketch vectors of `lowrank_cv_divergence_of` (its first ``m`` vectors): enough for a
+#: Jacobian "diagonal + rank 3" (the 4-component benchmark mixture) with one to spare; measured
+#: per-step variance reduction on that mixture 7-37x at t = 0.4 ... 0.7 with m = 4 against 5-28x with m = 3
+CV_SKETCH = 4
+#: kappa of the eigenvalue shrinkage in `lowrank_cv_divergence_of`: measured on the d = 64 mixture,
+#: the CV's added variance where A is diagonal (t = 0.1) falls 103 -> 29 -> 6 -> 0.6 for kappa = 0, 1,
+#: 2, 4 while its gain at the peak (t = 0.5) goes 19x -> 18x -> 16x -> 10x; 2 balances the two
+_CV_SHRINK = 2.0
+
+
+def lowrank_cv_divergence_of(out: torch.Tensor, x: torch.Tensor, vecs: torch.Tensor, m: int = CV_SKETCH, *,
+                             create_graph: bool = False) -> torch.Tensor:
+    r"""Hutchinson estimates with a shifted low-rank control variate, and the plain ones: ``(B, 2K)``.
+
+    ``vecs`` is ``(m + K, *x.shape)``: ``m`` sketch vectors $\omega_j$ then ``K`` probes $v_k$
+    (all with $\mathbb E[vv^\top] = I$; Rademacher recommended). With $A = \partial\,out/\partial x$
+    (per sample; only vector–Jacobian products $u^\top A$ are used):
+
+    1. $Q$ = an orthonormal basis of $(A - c_0I)^\top\Omega$, $c_0 = \sum_j\omega_j^\top A\omega_j /
+       \sum_j\lVert\omega_j\rVert^2$ (one batched pass together with the probes; the shift keeps a
+       matrix near $cI$ from returning $\Omega$ itself);
+    2. $T = Q^\top A Q$ (a second pass, $m$ VJPs), and the diagonal level off the subspace,
+       $c = \sum_j\tilde\omega_j^\top A\tilde\omega_j / \sum_j\lVert\tilde\omega_j\rVert^2$ with
+       $\tilde\omega = (I - QQ^\top)\omega$ (from the products at hand);
+    3. $\hat A = Q\,f(T - cI)\,Q^\top$ with $f$ shrinking eigenvalues $\lambda \mapsto
+       \lambda^3/(\lambda^2 + \tau^2)$, $\tau$ = `_CV_SHRINK` × the RMS of $(A - cI)^\top\tilde\omega$
+       (the diagonal's spread): the low-rank part is kept, sketch noise of a spread diagonal dropped;
+       $\mathrm{tr}\,\hat A = \mathrm{tr}\,f(T - cI)$ exactly;
+    4. $E_k = v_k^\top A v_k - v_k^\top\hat A v_k + \mathrm{tr}\,\hat A$.
+
+    $\hat A$ depends on $\Omega$ and $A$ only, so given $\Omega$ each $E_k$ is an unbiased
+    estimate of $\mathrm{tr}A$ ($\mathbb E\,v^\top Mv = \mathrm{tr}M$ for the fixed
+    $M = A - \hat A$), and the $E_k$ are i.i.d. given $\Omega$: their spread gives an honest
+    stderr. For Rademacher probes the error is $v^\top M v - \mathrm{tr}M$, off-diagonal part of
+    $M$ only: where $A$ is close to $cI$ plus a part of rank $< m$ (the score of a mixture with
+    few mixed components), $\hat A$ takes that part and the variance falls; where $A$ is diagonal
+    with a spread, $\hat A$ adds off-diagonal terms and the variance grows (Hutch++'s failure on
+    such matrices) — hence the plain estimates are returned alongside, columns ``K:2K``, for the
+    caller to choose. Cost: ``m + K`` VJPs in one batched pass plus ``m`` in a second.
+    """
+    m = int(m)
+    n = vecs.shape[0]
+    K = n - m
+    if m < 1 or K < 1:
+        raise ValueError(f"vecs must hold m = {m} sketch vectors and at least one probe; got {n} vectors")
+    B = x.shape[0]
+    g = _vjps(out, x, vecs, create_graph, retain_graph=True)  # (m + K, B, ...): u^T A
+    V = vecs.reshape(n, B, -1)
+    G = g.reshape(n, B, -1)
+    d = V.shape[-1]
+    om, Gom = V[:m].transpose(0, 1), G[:m].transpose(0, 1)  # (B, m, d): omega_j, omega_j^T A
+    # the sketch of A - c0 I, c0 = the mean diagonal (Rademacher: omega^T A omega / |omega|^2);
+    # unshifted, a matrix near c I (the score of a mixture away from its boundaries) would give back
+    # Omega itself instead of A's low-rank part
+    c0 = (Gom * om).sum((1, 2)) / (om * om).sum((1, 2))
+    Q, _ = torch.linalg.qr((Gom - c0[:, None, None] * om).transpose(1, 2))  # (B, d, m) orthonormal
+    qv = Q.transpose(1, 2).transpose(0, 1).reshape((m,) + tuple(x.shape)).to(vecs.dtype)
+    Z = _vjps(out, x, qv, create_graph, retain_graph=create_graph).reshape(m, B, d).transpose(0, 1)  # Q^T A
+    T = Z @ Q  # (B, m, m) = Q^T A Q
+    # the diagonal level c off the sketched subspace: omega~^T A omega~ / |omega~|^2 with
+    # omega~ = (I - QQ^T) omega, from the products at hand (no further VJPs)
+    a = Q.transpose(1, 2) @ om.transpose(1, 2)  # (B, m, m): Q^T omega_j (columns)
+    wAw = (Gom * om).sum(-1)  # omega^T A omega
+    wPAw = (a * (Z @ om.transpose(1, 2))).sum(1)  # (Q^T w) . (Q^T A w)
+    wAPw = ((Gom @ Q).transpose(1, 2) * a).sum(1)  # (A^T w)^T Q (Q^T w)
+    wPAPw = (a * (T @ a)).sum(1)
+    num = (wAw - wPAw - wAPw + wPAPw).sum(1)
+    den = ((om * om).sum(-1) - (a * a).sum(1)).sum(1)
+    c = num / den.clamp_min(1e-12)  # (B,)
+    That = T - c[:, None, None] * torch.eye(m, dtype=T.dtype, device=T.device)
+    That = 0.5 * (That + That.transpose(1, 2))  # v^T Ahat v sees the symmetric part only
+    # shrink the eigenvalues of the same size as the diagonal's spread around c: where A is a spread
+    # diagonal (no low-rank part) a sketch of it only adds off-diagonal terms; lam -> lam^3/(lam^2 + tau^2)
+    # keeps a low-rank part (|lam| >> tau) and drops those smoothly. tau^2 = kappa^2 x the mean
+    # |(A - cI)^T w~|^2 / |w~|^2 over the sketch vectors projected off Q (where A - cI is its diagonal
+    # spread when Q holds the low-rank part)
+    r = Gom - (Z.transpose(1, 2) @ a).transpose(1, 2) - c[:, None, None] * (om - (Q @ a).transpose(1, 2))
+    tau2 = _CV_SHRINK ** 2 * r.pow(2).sum((1, 2)) / den.clamp_min(1e-12)
+    lam, U = torch.linalg.eigh(That)
+    lam = lam * lam.pow(2) / (lam.pow(2) + tau2[:, None])
+    That = (U * lam[:, None, :]) @ U.transpose(1, 2)  # Ahat = Q That Q^T
+    P = (G[m:] * V[m:]).sum(-1)  # (K, B): v^T A v, the plain estimates
+    qv_k = torch.einsum("bdm,kbd->kbm", Q, V[m:])  # Q^T v
+    quad = torch.einsum("kbi,bij,kbj->kb", qv_k, That, qv_k)  # v^T Ahat v
+    E = P - quad + torch.diagonal(That, dim1=1, dim2=2).sum(-1)
+    return torch.cat([E, P], 0).transpose(0, 1)
 
 
 _ONES: dict = {}

@@ -50,6 +50,8 @@ from .divergence import (
     draw_probes,
     exact_divergence_of,
     hutchinson_divergence_of,
+    lowrank_cv_divergence_of,
+    CV_SKETCH,
 )
 
 __all__ = ["log_likelihood", "LikelihoodResult", "GaussianDataPrior", "DIVERGENCES"]
@@ -315,6 +317,14 @@ class _AugmentedField(torch.nn.Module):
         return v, div
 
 
+def _probe_divergence(mode: str, s: torch.Tensor, xu: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+    """Per-probe divergence columns: Hutchinson ``(B, K)``, or for ``mode="cv"`` (the targeted
+    mode's control variate, `lowrank_cv_divergence_of`) ``(B, 2K)``: corrected, then plain."""
+    if mode == "cv":
+        return lowrank_cv_divergence_of(s, xu, probes, CV_SKETCH)
+    return hutchinson_divergence_of(s, xu, probes)
+
+
 class _FlatLinearField:
     r"""The augmented field of a linear SDE on one flat float64 state ``[u | δ]`` ``(B, d + K)``,
     for the native integrator (no gradient through the solve).
@@ -421,7 +431,7 @@ class _FlatLinearField:
             if self.mode == "exact":
                 div = exact_divergence_of(s, xu).unsqueeze(1)
             else:
-                div = hutchinson_divergence_of(s, xu, self.probes[:, index])
+                div = _probe_divergence(self.mode, s, xu, self.probes[:, index])
         s = s.detach().reshape(n, d).to(F64)
         div = div.detach().to(F64)
         if not self.pre:  # x' = f x - (g²/2) s;  Δ' = f d - (g²/2) div s
@@ -454,7 +464,7 @@ class _FlatLinearField:
             if self.mode == "exact":
                 div = exact_divergence_of(s, xu).unsqueeze(1)
             else:
-                div = hutchinson_divergence_of(s, xu, self.probes)
+                div = _probe_divergence(self.mode, s, xu, self.probes)
         out = torch.empty(B, d + self.K, dtype=F64, device=y.device)
         ox, od = out[:, :d], out[:, d:]
         s = s.detach().reshape(B, d)
@@ -853,7 +863,9 @@ def _solve_flat(sde: LinearSDE, counter: CountingFunction, req: "_Request", meth
                 moments: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> LikelihoodResult:
     """`log_likelihood` on one flat float64 state ``[u | δ]`` with `_FlatLinearField`."""
     x, t_eps, mode, K, d, B = req.x, req.t_eps, req.mode, req.n_probes, req.d, int(req.x.shape[0])
-    probes = draw_probes(tuple(x.shape), K, probe, generator, x.dtype, x.device) if mode == "hutchinson" else None
+    # "cv" (the targeted mode's control variate): K = 2 x probes state columns, CV_SKETCH + K/2 vectors
+    n_vec = K if mode == "hutchinson" else CV_SKETCH + K // 2
+    probes = draw_probes(tuple(x.shape), n_vec, probe, generator, x.dtype, x.device) if mode != "exact" else None
     mean, var = moments if moments is not None else (None, None)
     field_ = _FlatLinearField(sde, counter, x, mode, probes, K, mean, var)
     t0 = torch.tensor(t_eps, dtype=F64, device=x.device)
