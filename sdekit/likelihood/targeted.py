@@ -67,7 +67,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .._validation import check_generator, short
-from ..solvers.stats import SolverStats
+from ..solvers.stats import CountingFunction, SolverStats
+from .divergence import CV_SKETCH
 
 __all__ = ["targeted_log_likelihood", "tolerance_for_target"]
 
@@ -100,6 +101,51 @@ def tolerance_for_target(target_stderr: float) -> float:
     return min(_TOL_MAX, max(_TOL_MIN, _TOL_PER_TARGET * float(target_stderr)))
 
 
+def _all_args(common: Dict[str, Any]) -> Dict[str, Any]:
+    """`log_likelihood`'s arguments: its defaults updated by ``common``."""
+    import inspect
+
+    from .ode import log_likelihood
+
+    a = {k: p.default for k, p in inspect.signature(log_likelihood).parameters.items()
+         if p.default is not inspect.Parameter.empty}
+    a.update(common)
+    return a
+
+
+def _cv_possible(sde, score, x, common) -> bool:
+    """Whether the control-variate solve can run: the native flat solve of a linear SDE without
+    gradients (`_solve_flat`, where the "cv" branch of the field lives)."""
+    from . import ode
+
+    a = _all_args(common)
+    wants_grad = torch.is_grad_enabled() and x.requires_grad
+    return ode._fast_path(sde, x, a["method"], "independent", a["backend"], False, wants_grad, a["options"])
+
+
+def _solve_cv(sde, score, x, k: int, probe: str, generator, common):
+    r"""One solve with the control variate (`lowrank_cv_divergence_of`): ``k`` probes and
+    `CV_SKETCH` sketch vectors drawn once; ``delta_per_probe`` is ``(B, 2k)``: the corrected
+    estimates, then the plain ones of the same probes. Only ``delta_per_probe``,
+    ``prior_log_prob``, ``z`` and ``stats`` of the returned result are meaningful."""
+    import dataclasses
+
+    from . import ode
+
+    a = _all_args(common)
+    req = ode._request(sde, score, x, a["t_eps"], a["method"], a["rtol"], a["atol"], "hutchinson", probe, 2 * k,
+                       generator, False, "independent", a["prior"], a["exact_dim_limit"], a["max_steps"],
+                       a["params"], a["backend"])
+    if req.wants_grad:
+        raise ValueError("the control variate runs without gradients (x or the score's parameters require grad)")
+    req = dataclasses.replace(req, mode="cv")
+    moments = ode._resolve_moments(a["precondition"], a["data_moments"], a["prior"], sde, x, True)
+    res = ode._solve_flat(sde, CountingFunction(score), req, a["method"], "independent", a["backend"],
+                          a["max_steps"], a["options"], generator, probe, moments)
+    res.stats.extra["vectors_per_eval"] = k + 2 * CV_SKETCH
+    return res
+
+
 def _check_target(target_stderr) -> float:
     if isinstance(target_stderr, bool) or not isinstance(target_stderr, numbers.Real):
         raise TypeError(f"target_stderr must be a positive number (nats per dimension), got "
@@ -124,7 +170,7 @@ def _buckets(extra: torch.Tensor, k0: int) -> List[int]:
 
 def targeted_log_likelihood(sde, score, x: torch.Tensor, *, target_stderr: float,
                             pilot_probes: int = PILOT_PROBES, generator: Optional[torch.Generator] = None,
-                            exact_dim_limit: int = 16, probe: str = "rademacher",
+                            exact_dim_limit: int = 16, probe: str = "rademacher", control_variate: bool = True,
                             **kwargs: Any):
     r"""`log_likelihood` with per-sample standard error $\approx$ ``target_stderr`` nats/dim.
 
@@ -168,51 +214,85 @@ def targeted_log_likelihood(sde, score, x: torch.Tensor, *, target_stderr: float
     gdev = x.device if x.device.type != "cpu" else "cpu"
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device if generator is not None
                              else "cpu"))
-    pilot = log_likelihood(sde, score, x, divergence="hutchinson", n_probes=k0, probe=probe,
-                           generator=torch.Generator(gdev).manual_seed(seed), **common)
+    use_cv = control_variate and _cv_possible(sde, score, x, common)
+    if use_cv:  # the pilot measures both estimators on the same probes: columns [corrected | plain]
+        pilot = _solve_cv(sde, score, x, k0, probe, torch.Generator(gdev).manual_seed(seed), common)
+        # (the sketch vectors come first, so the check's probe is the pilot's first sketch vector,
+        # not its first probe: compare with a plain one-probe solve at tol from the same seed)
+    else:
+        pilot = log_likelihood(sde, score, x, divergence="hutchinson", n_probes=k0, probe=probe,
+                               generator=torch.Generator(gdev).manual_seed(seed), **common)
     chk = log_likelihood(sde, score, x, divergence="hutchinson", n_probes=1, probe=probe,
                          generator=torch.Generator(gdev).manual_seed(seed), **check_common)
     runs = [pilot, chk]
-    est = pilot.prior_log_prob[:, None] + pilot.delta_per_probe  # (B, K0) per-probe log p estimates
+    est = pilot.prior_log_prob[:, None] + pilot.delta_per_probe  # per-probe log p estimates
+    if use_cv:
+        est_cv, est = est[:, :k0], est[:, k0:]
+        ref = log_likelihood(sde, score, x, divergence="hutchinson", n_probes=1, probe=probe,
+                             generator=torch.Generator(gdev).manual_seed(seed), **common)
+        runs.append(ref)
+        first = ref.log_prob
+    else:
+        first = est[:, 0]
     # the solver error: one number for the batch (the RMS over samples of the tol vs tol/10
     # difference). Per sample it is not a usable estimate: the solves of the plan take other steps
     # than the pilot, and their errors at one tolerance scatter around this scale
-    solver_rms = float((est[:, 0] - chk.log_prob).detach().pow(2).mean().sqrt())
-    s2 = est.detach().var(1, unbiased=True)
-    # K_b probes in all, rounded up to a bucket K_MIN * 2^j; a sample whose plan reaches d probes
-    # gets the exact divergence instead (d VJPs, no variance)
-    need = torch.ceil(_PLAN_INFLATION * s2 / (eps * d) ** 2).clamp_min(_K_MIN)
-    exact_mask = need >= d
+    solver_rms = float((first - chk.log_prob).detach().pow(2).mean().sqrt())
+    # probes needed by each estimator, at least K_MIN, and its cost in VJPs per evaluation: plain K,
+    # control variate K + 2 m (sketch and second pass), exact d. Each sample takes the cheapest.
+    unit = (eps * d) ** 2
+    need_plain = torch.ceil(_PLAN_INFLATION * est.detach().var(1, unbiased=True) / unit).clamp_min(_K_MIN)
+    cost = {"hutchinson": need_plain}
+    need = {"hutchinson": need_plain}
+    if use_cv:
+        need["cv"] = torch.ceil(_PLAN_INFLATION * est_cv.detach().var(1, unbiased=True) / unit).clamp_min(_K_MIN)
+        cost["cv"] = need["cv"] + 2 * CV_SKETCH
+    names = list(cost) + ["exact"]
+    costs = torch.stack([cost[n] for n in cost] + [torch.full((B,), float(d), dtype=F64, device=x.device)], 1)
+    choice = costs.argmin(1).cpu()  # ties go to the plain estimator (first)
     log_prob = torch.empty(B, dtype=F64, device=x.device)
     prior_lp = torch.empty(B, dtype=F64, device=x.device)
     probe_var = torch.zeros(B, dtype=F64, device=x.device)  # the variance of the mean over the probes
     count = torch.zeros(B, dtype=torch.long)
+    chosen = [names[i] for i in choice.tolist()]
     plan: List[Dict[str, Any]] = []
-    lo, size = 0, _K_MIN
-    while True:
-        idx = torch.nonzero((need > lo) & (need <= size) & ~exact_mask).flatten()
-        if idx.numel():
-            r = log_likelihood(sde, score, x[idx], divergence="hutchinson", n_probes=size, probe=probe,
-                               generator=generator, **common)
-            runs.append(r)
-            e = r.prior_log_prob[:, None] + r.delta_per_probe  # fresh probes: independent of the plan
-            log_prob = log_prob.index_copy(0, idx, e.mean(1))
-            prior_lp = prior_lp.index_copy(0, idx, r.prior_log_prob)
-            probe_var = probe_var.index_copy(0, idx, e.detach().var(1, unbiased=True) / size)
-            count[idx] = size
-            plan.append(dict(estimator="hutchinson", probes=size, samples=int(idx.numel()), nfe=r.stats.nfe))
-        if not bool((need[~exact_mask] > size).any()):
-            break
-        lo, size = size, 2 * size
-    exact_idx = torch.nonzero(exact_mask).flatten()
+    for name in names[:-1]:
+        mask = choice == names.index(name)
+        if not bool(mask.any()):
+            continue
+        nb = need[name].cpu()
+        lo, size = 0, _K_MIN  # buckets K_MIN * 2^j
+        while True:
+            idx = torch.nonzero((nb > lo) & (nb <= size) & mask).flatten()
+            if idx.numel():
+                xi = x[idx.to(x.device)]
+                if name == "cv":
+                    r = _solve_cv(sde, score, xi, size, probe, generator, common)
+                    e = (r.prior_log_prob[:, None] + r.delta_per_probe)[:, :size]  # the corrected columns
+                else:
+                    r = log_likelihood(sde, score, xi, divergence="hutchinson", n_probes=size, probe=probe,
+                                       generator=generator, **common)
+                    e = r.prior_log_prob[:, None] + r.delta_per_probe  # fresh probes: independent of the plan
+                runs.append(r)
+                di = idx.to(x.device)
+                log_prob = log_prob.index_copy(0, di, e.mean(1))
+                prior_lp = prior_lp.index_copy(0, di, r.prior_log_prob)
+                probe_var = probe_var.index_copy(0, di, e.detach().var(1, unbiased=True) / size)
+                count[idx] = size
+                plan.append(dict(estimator=name, probes=size, samples=int(idx.numel()), nfe=r.stats.nfe))
+            if not bool((nb[mask] > size).any()):
+                break
+            lo, size = size, 2 * size
+    exact_idx = torch.nonzero(choice == names.index("exact")).flatten()
     if exact_idx.numel():
         # at the check's tolerance: the stderr of these samples is the solver-error scale measured at
         # tol (the Hutchinson check), which under-stated the exact solves' own error at tol on a
         # full-rank score (benchmarks/likelihood_accuracy.py); at tol/10 it is a conservative bound
-        r = log_likelihood(sde, score, x[exact_idx], divergence="exact", **dict(check_common, exact_dim_limit=d))
+        di = exact_idx.to(x.device)
+        r = log_likelihood(sde, score, x[di], divergence="exact", **dict(check_common, exact_dim_limit=d))
         runs.append(r)
-        log_prob = log_prob.index_copy(0, exact_idx, r.log_prob)
-        prior_lp = prior_lp.index_copy(0, exact_idx, r.prior_log_prob)
+        log_prob = log_prob.index_copy(0, di, r.log_prob)
+        prior_lp = prior_lp.index_copy(0, di, r.prior_log_prob)
         plan.append(dict(estimator="exact", probes=d, samples=int(exact_idx.numel()), nfe=r.stats.nfe))
     stderr = (probe_var + solver_rms ** 2).sqrt()
     if not bool(torch.isfinite(log_prob.detach()).all() and torch.isfinite(stderr).all()):
@@ -228,14 +308,14 @@ def targeted_log_likelihood(sde, score, x: torch.Tensor, *, target_stderr: float
         score_calls=sum(r.stats.extra.get("score_calls", 0) for r in runs),
         preflight_evals=sum(r.stats.extra.get("preflight_evals", 0) for r in runs),
         vectors_per_eval=None,  # differs between the solves: see targeted["plan"]
-        targeted=dict(target_stderr=eps, estimator="hutchinson", rtol=tol, atol=tol, pilot_probes=k0,
+        targeted=dict(target_stderr=eps, estimator=chosen, control_variate=use_cv, rtol=tol, atol=tol, pilot_probes=k0,
                       pilot_nfe=pilot.stats.nfe, pilot_sample_evals=pilot.stats.sample_evals,
-                      check_nfe=chk.stats.nfe, solver_rms=solver_rms, probes_per_sample=count.clone(), exact_samples=int(exact_idx.numel()), plan=plan,
+                      check_nfe=chk.stats.nfe, reference_nfe=runs[2].stats.nfe if use_cv else 0, solver_rms=solver_rms, probes_per_sample=count.clone(), exact_samples=int(exact_idx.numel()), plan=plan,
                       solves=len(runs)))
     n_min = int(count[count > 0].min()) if bool((count > 0).any()) else 0
     return LikelihoodResult(log_prob=log_prob, prior_log_prob=prior_lp, delta_log_prob=log_prob - prior_lp,
                             z=pilot.z, stderr=stderr, stats=stats, divergence="hutchinson", n_probes=n_min,
-                            probe=probe, delta_per_probe=pilot.delta_per_probe, dim=d, t_eps=pilot.t_eps)
+                            probe=probe, delta_per_probe=est, dim=d, t_eps=pilot.t_eps)
 
 
 #: `log_likelihood` arguments that the targeted mode chooses itself: passing one (other than its
