@@ -14,7 +14,8 @@ reference is the exact divergence (``exact_dim_limit=64``) at rtol = atol = 1e-7
 
 Rows: the peer (one Rademacher probe at tol 1e-5: ``log_likelihood(..., n_probes=1)``, and the
 score_sde recipe ``classic_likelihood`` of ``likelihood_cpu.py`` on problem 1), hand-picked
-settings (K probes x tol) and the targeted mode at a few targets. Columns: per-sample RMS and max
+settings (K probes x tol) and the targeted mode at a few targets (with its default control
+variate, and without it for the two tightest). Columns: per-sample RMS and max
 error (nats/dim), the mean reported stderr (nats/dim), the coverage of |err| <= 1.96 stderr, NFE
 (score evaluations of the batched solves; for the targeted mode summed over its solves, pilot and
 check included), wall time end to end (best of the interleaved repeats; each repeat draws fresh
@@ -44,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import sdekit  # noqa: E402
 from sdekit.likelihood import log_likelihood  # noqa: E402
+from sdekit.likelihood.targeted import targeted_log_likelihood  # noqa: E402
 from likelihood_cpu import classic_likelihood, make_problem  # noqa: E402
 
 F64 = torch.float64
@@ -72,7 +74,8 @@ def rows_for(quick):
             ("16 probes, tol 1e-3", "fixed", (16, 1e-3)),
             ("16 probes, tol 1e-5", "fixed", (16, 1e-5))]
     targets = (0.008, 0.004) if quick else (0.016, 0.008, 0.004, 0.002)
-    rows += [(f"targeted, target_stderr={t}", "targeted", t) for t in targets]
+    rows += [(f"targeted, target_stderr={t}", "targeted", (t, True)) for t in targets]
+    rows += [(f"targeted without control variate, target_stderr={t}", "targeted", (t, False)) for t in targets[-2:]]
     return rows
 
 
@@ -93,7 +96,9 @@ def run_problem(name, sde, score, x, reference, prior, repeats, quick):
                                    divergence="hutchinson", generator=gen)
                 logp, nfe, se = r.log_prob, r.stats.nfe, r.stderr
             else:
-                r = log_likelihood(sde, score, x, t_eps=T_EPS, target_stderr=setting, prior=prior, generator=gen)
+                target, cv = setting
+                r = targeted_log_likelihood(sde, score, x, t_eps=T_EPS, target_stderr=target, prior=prior,
+                                            generator=gen, control_variate=cv)  # = log_likelihood(target_stderr=)
                 logp, nfe, se = r.log_prob, r.stats.nfe, r.stderr
             a = acc[label]
             a["walls"].append(time.perf_counter() - t0)
