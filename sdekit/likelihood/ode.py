@@ -656,9 +656,11 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
     target_stderr:
         Accuracy-targeted mode (`sdekit.likelihood.targeted`): the wanted standard error of each
         sample's ``log_prob`` in **nats per dimension** ($\varepsilon$; $\varepsilon d$ nats per
-        sample). The tolerance ($\min(10^{-3}, \varepsilon/10)$), the estimator (exact when
-        $d \le$ ``exact_dim_limit``, else Hutchinson) and each sample's number of probes (from a
-        pilot solve's per-sample probe variance) are chosen; ``stderr`` stays the measured one and
+        sample). The tolerance ($\min(10^{-3}, \varepsilon/10)$), each sample's estimator (exact
+        when $d \le$ ``exact_dim_limit``; else plain Hutchinson, Hutchinson with a low-rank control
+        variate or exact, whichever is cheapest for it) and its number of probes (from a pilot
+        solve's per-sample probe variances) are chosen; ``stderr`` is the measured probe error plus
+        the measured solver-error scale, and
         ``stats.extra["targeted"]`` records the plan (pilot included in ``nfe``). Incompatible with
         ``n_probes``, ``rtol``/``atol`` other than the defaults, ``divergence`` other than
         ``"auto"``, ``norm`` other than ``"auto"`` and ``adjoint=True`` (``ValueError``).

@@ -17,19 +17,24 @@ tolerance at low cost:
    solver-error scale reported as the stderr), and for each sample whose planned number of probes
    reaches $d$ (the $d$ basis vectors then cost no more than the probes and leave no variance).
 3. **Pilot and solver check.** One solve of the whole batch with ``pilot_probes`` $= K_0 = 4$
-   Rademacher probes at tolerance $\tau$ gives, per sample $b$, the sample variance $s_b^2$ of
-   the single-probe estimates $\hat\ell_{bk} = \log p_T(z_b) + \hat\Delta_{bk}$ of $\log p$. A
-   second solve with ONE probe — the pilot's first (same seed) — at $\tau/10$ differs from the
-   pilot's first estimate by solver error only; its RMS over the batch, $\sigma_{ode}$, is the
-   solver-error scale at $\tau$ (one number: per sample the solver error of the later solves,
-   which take other steps, scatters around it).
-4. **Probes per sample.** Sample $b$ gets $K_b = \lceil \kappa\, s_b^2 / (\varepsilon d)^2\rceil$
-   probes, at least $K_{min} = 8$, rounded up to a bucket $8\cdot 2^j$ (so at most 2x
-   over-spent); $\kappa = 1.5$ (`_PLAN_INFLATION`) pads for pilots that under-estimated the
-   variance. Each bucket is one solve of just its samples with FRESH probes (per-sample stepping,
-   ``norm="independent"``, makes a sample's trajectory independent of its batch-mates). A sample
-   whose plan reaches $K_b \ge d$ gets the exact divergence instead ($d$ VJPs, no probe
-   variance), solved at $\tau/10$.
+   Rademacher probes at tolerance $\tau$ gives, per sample $b$, the sample variances of the
+   single-probe estimates $\hat\ell_{bk} = \log p_T(z_b) + \hat\Delta_{bk}$ of $\log p$ — with
+   the control variate (default, where the native linear solve runs) of BOTH estimators, plain
+   ($s_{b}^2$) and corrected ($s_{b,cv}^2$), on the same probes
+   (`sdekit.likelihood.divergence.lowrank_cv_divergence_of`). A one-probe solve at $\tau/10$
+   and one at $\tau$ from the same seed (the pilot's first probe when there is no control
+   variate) differ by solver error only; their RMS difference over the batch, $\sigma_{ode}$, is
+   the solver-error scale at $\tau$ (one number: per sample the solver error of the later
+   solves, which take other steps, scatters around it).
+4. **Estimator and probes per sample.** Plain Hutchinson needs
+   $K_b = \lceil \kappa\, s_b^2 / (\varepsilon d)^2\rceil$ probes and costs $K_b$ VJPs per
+   evaluation; the control variate needs $K_{b,cv}$ (the same with $s_{b,cv}^2$) and costs
+   $K_{b,cv} + 2m$ ($m$ = `CV_SKETCH` sketch vectors and a second pass); the exact divergence
+   costs $d$. Each sample takes the cheapest. Probe counts are at least $K_{min} = 8$ and rounded
+   up to a bucket $8\cdot 2^j$ (at most 2x over-spent); $\kappa = 1.5$ (`_PLAN_INFLATION`) pads
+   for pilots that under-estimated the variance. Each (estimator, bucket) is one solve of just
+   its samples with FRESH probes (per-sample stepping, ``norm="independent"``, makes a sample's
+   trajectory independent of its batch-mates); exact samples are solved at $\tau/10$.
 5. **Estimate and stderr.** $\log p_b$ is the mean of the $K_b$ fresh estimates; the pilot's
    probes only plan (pooling them would bias both the mean and the stderr: the samples that
    stop early are those whose pilot happened to spread little). The reported
@@ -38,19 +43,17 @@ tolerance at low cost:
 
    (probe part 0 for exact samples), so $\pm1.96\,\mathrm{stderr}$ is meant as a 95% interval
    for the total error, probes and solver; the tests measure its coverage against exact
-   densities.
-
-**Control variate (not built).** On the mixture the score Jacobian is diagonal + rank 3, and a
-Rademacher probe's error $v^\top M v - \mathrm{tr}M$ comes only from the off-diagonal (low-rank)
-part; a shifted low-rank control variate could cut it at a few extra VJPs per evaluation. It is
-not implemented here; the per-sample allocation above is the gain.
+   densities. With the control variate the fresh estimates are i.i.d. and unbiased given the
+   solve's sketch, so the same formula holds.
 
 The result is an ordinary `LikelihoodResult`; ``n_probes`` is the smallest $K_b$ among the
 Hutchinson samples (so `LikelihoodResult.confidence_interval`, a Student-t interval with
 ``n_probes - 1`` degrees of freedom, is the conservative one for every sample but does not
-include $\sigma_{ode}$), ``delta_per_probe`` holds the pilot's $K_0$ probes (common to all
-samples; planning only), ``z`` is the pilot's, and ``stats.extra["targeted"]`` records the plan:
-``estimator``, ``rtol``/``atol``, ``pilot_probes``, ``pilot_nfe``, ``check_nfe``,
+include $\sigma_{ode}$), ``delta_per_probe`` holds the pilot's $K_0$ plain probes
+(common to all samples; planning only), ``z`` is the pilot's, and ``stats.extra["targeted"]``
+records the plan: ``estimator`` (per sample: ``"hutchinson"``, ``"cv"`` or ``"exact"``),
+``control_variate``, ``rtol``/``atol``, ``pilot_probes``, ``pilot_nfe``, ``check_nfe``,
+``reference_nfe`` (the one-probe solve at $\tau$ with the control variate),
 ``solver_rms`` (nats per sample), ``probes_per_sample`` (0 = exact), ``exact_samples``, ``plan``
 (per bucket: estimator, probes, samples, nfe) and ``solves``. ``stats.nfe`` and
 ``extra["score_calls"]`` are summed over all solves, pilot and check included; ``wall_time`` is
