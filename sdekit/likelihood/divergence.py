@@ -138,7 +138,7 @@ def lowrank_cv_divergence_of(out: torch.Tensor, x: torch.Tensor, vecs: torch.Ten
                              create_graph: bool = False) -> torch.Tensor:
     r"""Hutchinson estimates with a shifted low-rank control variate, and the plain ones: ``(B, 2K)``.
 
-    ``vecs`` is ``(m + K, *x.shape)``: ``m`` sketch vectors $\omega_j$ then ``K`` probes $v_k$
+    ``vecs`` is ``(K + m, *x.shape)``: ``K`` probes $v_k$ then ``m`` sketch vectors $\omega_j$
     (all with $\mathbb E[vv^\top] = I$; Rademacher recommended). With $A = \partial\,out/\partial x$
     (per sample; only vector–Jacobian products $u^\top A$ are used):
 
@@ -170,11 +170,11 @@ def lowrank_cv_divergence_of(out: torch.Tensor, x: torch.Tensor, vecs: torch.Ten
     if m < 1 or K < 1:
         raise ValueError(f"vecs must hold m = {m} sketch vectors and at least one probe; got {n} vectors")
     B = x.shape[0]
-    g = _vjps(out, x, vecs, create_graph, retain_graph=True)  # (m + K, B, ...): u^T A
+    g = _vjps(out, x, vecs, create_graph, retain_graph=True)  # (K + m, B, ...): u^T A
     V = vecs.reshape(n, B, -1)
     G = g.reshape(n, B, -1)
     d = V.shape[-1]
-    om, Gom = V[:m].transpose(0, 1), G[:m].transpose(0, 1)  # (B, m, d): omega_j, omega_j^T A
+    om, Gom = V[K:].transpose(0, 1), G[K:].transpose(0, 1)  # (B, m, d): omega_j, omega_j^T A
     # the sketch of A - c0 I, c0 = the mean diagonal (Rademacher: omega^T A omega / |omega|^2);
     # unshifted, a matrix near c I (the score of a mixture away from its boundaries) would give back
     # Omega itself instead of A's low-rank part
@@ -205,8 +205,8 @@ def lowrank_cv_divergence_of(out: torch.Tensor, x: torch.Tensor, vecs: torch.Ten
     lam, U = torch.linalg.eigh(That)
     lam = lam * lam.pow(2) / (lam.pow(2) + tau2[:, None])
     That = (U * lam[:, None, :]) @ U.transpose(1, 2)  # Ahat = Q That Q^T
-    P = (G[m:] * V[m:]).sum(-1)  # (K, B): v^T A v, the plain estimates
-    qv_k = torch.einsum("bdm,kbd->kbm", Q, V[m:])  # Q^T v
+    P = (G[:K] * V[:K]).sum(-1)  # (K, B): v^T A v, the plain estimates
+    qv_k = torch.einsum("bdm,kbd->kbm", Q, V[:K])  # Q^T v
     quad = torch.einsum("kbi,bij,kbj->kb", qv_k, That, qv_k)  # v^T Ahat v
     E = P - quad + torch.diagonal(That, dim1=1, dim2=2).sum(-1)
     return torch.cat([E, P], 0).transpose(0, 1)

@@ -865,8 +865,8 @@ def _solve_flat(sde: LinearSDE, counter: CountingFunction, req: "_Request", meth
                 moments: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> LikelihoodResult:
     """`log_likelihood` on one flat float64 state ``[u | δ]`` with `_FlatLinearField`."""
     x, t_eps, mode, K, d, B = req.x, req.t_eps, req.mode, req.n_probes, req.d, int(req.x.shape[0])
-    # "cv" (the targeted mode's control variate): K = 2 x probes state columns, CV_SKETCH + K/2 vectors
-    n_vec = K if mode == "hutchinson" else CV_SKETCH + K // 2
+    # "cv" (the targeted mode's control variate): K = 2 x probes state columns, K/2 probes + CV_SKETCH
+    n_vec = K if mode == "hutchinson" else K // 2 + CV_SKETCH
     probes = draw_probes(tuple(x.shape), n_vec, probe, generator, x.dtype, x.device) if mode != "exact" else None
     mean, var = moments if moments is not None else (None, None)
     field_ = _FlatLinearField(sde, counter, x, mode, probes, K, mean, var)

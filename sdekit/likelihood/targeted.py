@@ -22,9 +22,8 @@ tolerance at low cost:
    the control variate (default, where the native linear solve runs) of BOTH estimators, plain
    ($s_{b}^2$) and corrected ($s_{b,cv}^2$), on the same probes
    (`sdekit.likelihood.divergence.lowrank_cv_divergence_of`). A one-probe solve at $\tau/10$
-   and one at $\tau$ from the same seed (the pilot's first probe when there is no control
-   variate) differ by solver error only; their RMS difference over the batch, $\sigma_{ode}$, is
-   the solver-error scale at $\tau$ (one number: per sample the solver error of the later
+   from the pilot's seed repeats the pilot's first probe and differs from it by solver error
+   only; their RMS difference over the batch, $\sigma_{ode}$, is the solver-error scale at $\tau$ (one number: per sample the solver error of the later
    solves, which take other steps, scatters around it).
 4. **Estimator and probes per sample.** Plain Hutchinson needs
    $K_b = \lceil \kappa\, s_b^2 / (\varepsilon d)^2\rceil$ probes and costs $K_b$ VJPs per
@@ -53,7 +52,6 @@ include $\sigma_{ode}$), ``delta_per_probe`` holds the pilot's $K_0$ plain probe
 (common to all samples; planning only), ``z`` is the pilot's, and ``stats.extra["targeted"]``
 records the plan: ``estimator`` (per sample: ``"hutchinson"``, ``"cv"`` or ``"exact"``),
 ``control_variate``, ``rtol``/``atol``, ``pilot_probes``, ``pilot_nfe``, ``check_nfe``,
-``reference_nfe`` (the one-probe solve at $\tau$ with the control variate),
 ``solver_rms`` (nats per sample), ``probes_per_sample`` (0 = exact), ``exact_samples``, ``plan``
 (per bucket: estimator, probes, samples, nfe) and ``solves``. ``stats.nfe`` and
 ``extra["score_calls"]`` are summed over all solves, pilot and check included; ``wall_time`` is
@@ -220,8 +218,6 @@ def targeted_log_likelihood(sde, score, x: torch.Tensor, *, target_stderr: float
     use_cv = control_variate and _cv_possible(sde, score, x, common)
     if use_cv:  # the pilot measures both estimators on the same probes: columns [corrected | plain]
         pilot = _solve_cv(sde, score, x, k0, probe, torch.Generator(gdev).manual_seed(seed), common)
-        # (the sketch vectors come first, so the check's probe is the pilot's first sketch vector,
-        # not its first probe: compare with a plain one-probe solve at tol from the same seed)
     else:
         pilot = log_likelihood(sde, score, x, divergence="hutchinson", n_probes=k0, probe=probe,
                                generator=torch.Generator(gdev).manual_seed(seed), **common)
@@ -231,12 +227,7 @@ def targeted_log_likelihood(sde, score, x: torch.Tensor, *, target_stderr: float
     est = pilot.prior_log_prob[:, None] + pilot.delta_per_probe  # per-probe log p estimates
     if use_cv:
         est_cv, est = est[:, :k0], est[:, k0:]
-        ref = log_likelihood(sde, score, x, divergence="hutchinson", n_probes=1, probe=probe,
-                             generator=torch.Generator(gdev).manual_seed(seed), **common)
-        runs.append(ref)
-        first = ref.log_prob
-    else:
-        first = est[:, 0]
+    first = est[:, 0]  # the pilot's first (plain) probe is the check's probe (probes come first)
     # the solver error: one number for the batch (the RMS over samples of the tol vs tol/10
     # difference). Per sample it is not a usable estimate: the solves of the plan take other steps
     # than the pilot, and their errors at one tolerance scatter around this scale
@@ -313,7 +304,7 @@ def targeted_log_likelihood(sde, score, x: torch.Tensor, *, target_stderr: float
         vectors_per_eval=None,  # differs between the solves: see targeted["plan"]
         targeted=dict(target_stderr=eps, estimator=chosen, control_variate=use_cv, rtol=tol, atol=tol, pilot_probes=k0,
                       pilot_nfe=pilot.stats.nfe, pilot_sample_evals=pilot.stats.sample_evals,
-                      check_nfe=chk.stats.nfe, reference_nfe=runs[2].stats.nfe if use_cv else 0, solver_rms=solver_rms, probes_per_sample=count.clone(), exact_samples=int(exact_idx.numel()), plan=plan,
+                      check_nfe=chk.stats.nfe, solver_rms=solver_rms, probes_per_sample=count.clone(), exact_samples=int(exact_idx.numel()), plan=plan,
                       solves=len(runs)))
     n_min = int(count[count > 0].min()) if bool((count > 0).any()) else 0
     return LikelihoodResult(log_prob=log_prob, prior_log_prob=prior_lp, delta_log_prob=log_prob - prior_lp,
