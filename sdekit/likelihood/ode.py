@@ -538,6 +538,12 @@ def _preflight(score: Callable, x: torch.Tensor, T: float) -> Tuple[torch.Tensor
 # ------------------------------------------------------------------------------------------------
 # log_likelihood
 # ------------------------------------------------------------------------------------------------
+#: the accuracy-targeted mode's entry, ``(sde, score, x, target_stderr, arguments) -> result``:
+#: `sdekit.likelihood.targeted` registers it on import (it builds on this module, which therefore
+#: does not import it: no import cycle); the package's ``__init__`` imports both
+_TARGETED: list = [None]
+
+
 def _check_bool(v, name):
     if not isinstance(v, bool):
         raise TypeError(f"{name} must be True or False, got {v!r}")
@@ -657,9 +663,9 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
         Accuracy-targeted mode (`sdekit.likelihood.targeted`): the wanted standard error of each
         sample's ``log_prob`` in **nats per dimension** ($\varepsilon$; $\varepsilon d$ nats per
         sample). The tolerance ($\min(10^{-3}, \varepsilon/10)$), each sample's estimator (exact
-        when $d \le$ ``exact_dim_limit``; else plain Hutchinson, Hutchinson with a low-rank control
-        variate or exact, whichever is cheapest for it) and its number of probes (from a pilot
-        solve's per-sample probe variances) are chosen; ``stderr`` is the measured probe error plus
+        when $d \le$ ``exact_dim_limit``; else Hutchinson, or exact where that is cheaper for it;
+        `targeted_log_likelihood` also offers a low-rank control variate) and its number of
+        probes (from a pilot solve's per-sample probe variance) are chosen; ``stderr`` is the measured probe error plus
         the measured solver-error scale, and
         ``stats.extra["targeted"]`` records the plan (pilot included in ``nfe``). Incompatible with
         ``n_probes``, ``rtol``/``atol`` other than the defaults, ``divergence`` other than
@@ -719,8 +725,7 @@ def log_likelihood(sde: SDE, score: Callable, x: torch.Tensor, *, t_eps: float =
     >>> err = (res.log_prob - gm.exact_log_prob(sde)(x, 1e-5)).abs().max()
     """
     if target_stderr is not None:  # accuracy-targeted mode: the plan calls back into this function
-        from .targeted import _dispatch
-        return _dispatch(sde, score, x, target_stderr, locals())
+        return _TARGETED[0](sde, score, x, target_stderr, locals())
     req = _request(sde, score, x, t_eps, method, rtol, atol, divergence, probe, n_probes, generator, adjoint, norm,
                    prior, exact_dim_limit, max_steps, params, backend)
     x, t_eps, mode, K, B = req.x, req.t_eps, req.mode, req.n_probes, int(req.x.shape[0])

@@ -19,7 +19,7 @@ tolerance at low cost:
 3. **Pilot and solver check.** One solve of the whole batch with ``pilot_probes`` $= K_0 = 4$
    Rademacher probes at tolerance $\tau$ gives, per sample $b$, the sample variances of the
    single-probe estimates $\hat\ell_{bk} = \log p_T(z_b) + \hat\Delta_{bk}$ of $\log p$ — with
-   the control variate (default, where the native linear solve runs) of BOTH estimators, plain
+   ``control_variate=True`` (opt-in; only where the native linear solve runs) of BOTH estimators, plain
    ($s_{b}^2$) and corrected ($s_{b,cv}^2$), on the same probes
    (`sdekit.likelihood.divergence.lowrank_cv_divergence_of`). A one-probe solve at $\tau/10$
    from the pilot's seed repeats the pilot's first probe and differs from it by solver error
@@ -69,7 +69,9 @@ import torch
 
 from .._validation import check_generator, short
 from ..solvers.stats import CountingFunction, SolverStats
+from . import ode
 from .divergence import CV_SKETCH
+from .ode import LikelihoodResult, log_likelihood
 
 __all__ = ["targeted_log_likelihood", "tolerance_for_target"]
 
@@ -106,8 +108,6 @@ def _all_args(common: Dict[str, Any]) -> Dict[str, Any]:
     """`log_likelihood`'s arguments: its defaults updated by ``common``."""
     import inspect
 
-    from .ode import log_likelihood
-
     a = {k: p.default for k, p in inspect.signature(log_likelihood).parameters.items()
          if p.default is not inspect.Parameter.empty}
     a.update(common)
@@ -117,8 +117,6 @@ def _all_args(common: Dict[str, Any]) -> Dict[str, Any]:
 def _cv_possible(sde, score, x, common) -> bool:
     """Whether the control-variate solve can run: the native flat solve of a linear SDE without
     gradients (`_solve_flat`, where the "cv" branch of the field lives)."""
-    from . import ode
-
     a = _all_args(common)
     wants_grad = torch.is_grad_enabled() and x.requires_grad
     return ode._fast_path(sde, x, a["method"], "independent", a["backend"], False, wants_grad, a["options"])
@@ -130,8 +128,6 @@ def _solve_cv(sde, score, x, k: int, probe: str, generator, common):
     estimates, then the plain ones of the same probes. Only ``delta_per_probe``,
     ``prior_log_prob``, ``z`` and ``stats`` of the returned result are meaningful."""
     import dataclasses
-
-    from . import ode
 
     a = _all_args(common)
     req = ode._request(sde, score, x, a["t_eps"], a["method"], a["rtol"], a["atol"], "hutchinson", probe, 2 * k,
@@ -171,16 +167,17 @@ def _buckets(extra: torch.Tensor, k0: int) -> List[int]:
 
 def targeted_log_likelihood(sde, score, x: torch.Tensor, *, target_stderr: float,
                             pilot_probes: int = PILOT_PROBES, generator: Optional[torch.Generator] = None,
-                            exact_dim_limit: int = 16, probe: str = "rademacher", control_variate: bool = True,
+                            exact_dim_limit: int = 16, probe: str = "rademacher", control_variate: bool = False,
                             **kwargs: Any):
     r"""`log_likelihood` with per-sample standard error $\approx$ ``target_stderr`` nats/dim.
 
-    See the module docstring for the plan. ``kwargs`` are passed to every underlying
+    See the module docstring for the plan. ``control_variate=True`` lets each sample choose the
+    low-rank control variate too (off by default — `log_likelihood(target_stderr=...)` runs
+    without it: end to end it did not lower the error reliably on the benchmark mixture and cost
+    more wall time at d = 24, see ``docs/likelihood.md``). ``kwargs`` are passed to every underlying
     `log_likelihood` call (``t_eps``, ``method``, ``prior``, ``max_steps``, ...); the
     tolerances, ``n_probes``, ``divergence`` and ``norm`` are chosen here.
     """
-    from .ode import LikelihoodResult, log_likelihood  # (ode imports this module lazily)
-
     eps = _check_target(target_stderr)
     if isinstance(pilot_probes, bool) or not isinstance(pilot_probes, numbers.Integral) or pilot_probes < 2:
         raise ValueError(f"pilot_probes must be an integer >= 2 (a variance needs two draws), got {pilot_probes!r}")
@@ -321,8 +318,6 @@ def _dispatch(sde, score, x, target_stderr, args: Dict[str, Any]):
     """`log_likelihood`'s hook: ``args`` are its arguments (``locals()`` at its top)."""
     import inspect
 
-    from .ode import log_likelihood
-
     eps = _check_target(target_stderr)
     defaults = {k: p.default for k, p in inspect.signature(log_likelihood).parameters.items()
                 if p.default is not inspect.Parameter.empty}
@@ -339,3 +334,6 @@ def _dispatch(sde, score, x, target_stderr, args: Dict[str, Any]):
                                    "probe")}
     return targeted_log_likelihood(sde, score, x, target_stderr=eps, generator=args["generator"],
                                    exact_dim_limit=args["exact_dim_limit"], probe=args["probe"], **rest)
+
+
+ode._TARGETED[0] = _dispatch  # log_likelihood(target_stderr=...) calls it
