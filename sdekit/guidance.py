@@ -7,11 +7,18 @@ unchanged. With a guidance scale $w$ (``docs/guidance.md`` derives both):
 
 * **classifier guidance** (Dhariwal & Nichol 2021) from a score $s(x, t) \approx \nabla\log p_t(x)$
   and a differentiable noise-conditional classifier $\ell(x, t) \approx \log p_t(c \mid x)$:
-  $$\tilde s = s + (1 + w)\,\nabla_x \ell;$$
+
+$$
+\tilde s = s + (1 + w)\,\nabla_x \ell;
+$$
+
 * **classifier-free guidance** (Ho & Salimans 2022) from a conditional score
   $s_c \approx \nabla\log p_t(x \mid c)$ and an unconditional one $s_u$ (the same network with
   the null label):
-  $$\tilde s = s_u + (1 + w)\,(s_c - s_u) = (1 + w)\,s_c - w\,s_u.$$
+
+$$
+\tilde s = s_u + (1 + w)\,(s_c - s_u) = (1 + w)\,s_c - w\,s_u.
+$$
 
 Both target the same guided score $\nabla\log p_t(x) + (1 + w)\nabla\log p_t(c \mid x)$ (Bayes:
 $\nabla\log p_t(c \mid x) = \nabla\log p_t(x \mid c) - \nabla\log p_t(x)$): $w = 0$ is the plain

@@ -12,7 +12,11 @@ sample) are known. Two approximate samplers of $p(x \mid y)$ built on an uncondi
 * **reconstruction guidance** (Ho et al. 2022; Chung et al. 2023's DPS; `ReconstructionGuidance`):
   add to the score a Gaussian approximation of $\nabla_x\log p_t(y \mid x_t)$ through Tweedie's
   $\hat x_0(x_t) = (x_t + \sigma^2 s)/m$ (`sdekit.parameterization.tweedie_mean`),
-  $$\tilde s = s - \nabla_x\,\frac{\|y - M\hat x_0(x)\|^2}{2\,r_t^2},$$
+
+$$
+\tilde s = s - \nabla_x\,\frac{\|y - M\hat x_0(x)\|^2}{2\,r_t^2},
+$$
+
   with $r_t^2$ = ``obs_var`` + the variance of $x_0$ given $x_t$ assumed by ``variance``. A score
   transform: every solver samples it unchanged.
 
