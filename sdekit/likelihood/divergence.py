@@ -25,6 +25,7 @@ Every function raises ``ValueError`` if the field is not differentiable w.r.t. `
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, Optional, Tuple
 
@@ -32,7 +33,7 @@ import torch
 
 from .._validation import check_choice, check_generator, check_int
 
-__all__ = ["exact_divergence", "hutchinson_divergence", "draw_probes", "PROBES",
+__all__ = ["exact_divergence", "hutchinson_divergence", "draw_probes", "counter_probes", "PROBES",
            "exact_divergence_of", "hutchinson_divergence_of", "lowrank_cv_divergence_of", "CV_SKETCH",
            "NotDifferentiableError"]
 
@@ -321,3 +322,69 @@ def draw_probes(shape, n_probes: int, probe: str = "rademacher", generator: Opti
     else:
         e = torch.randn(full, generator=generator, dtype=dtype, device=gdev)
     return e.to(device=device) if device is not None else e
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two xor-shift-multiply rounds) on int64 tensors holding values in
+    $[0, 2^{32})$; the multiplier is below $2^{31}$, so no product leaves int64."""
+    h = ((h >> 16) ^ h).mul_(0x45D9F3B).bitwise_and_(_M32)
+    h = ((h >> 16) ^ h).mul_(0x45D9F3B).bitwise_and_(_M32)
+    return (h >> 16) ^ h
+
+
+def counter_probes(seed: int, rows: torch.Tensor, counts: torch.Tensor, n_probes: int, shape,
+                   probe: str = "rademacher", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    r"""Probe vectors that are a pure function of ``(seed, row, count)``: ``(n_probes, n, *shape)``.
+
+    Row $j$ of the result holds ``n_probes`` probes for the sample at batch position
+    ``rows[j]``, at its ``counts[j]``-th draw. The entries come from a counter-based hash (no
+    generator state), so a sample's sequence of probes does not depend on which other samples are
+    drawn with it or in what order — what per-sample stepping needs when every evaluation draws
+    fresh probes (`log_likelihood`'s ``resample_probes``). ``"rademacher"``: ±1 from one hash
+    bit; ``"gaussian"``: Box–Muller from two 32-bit hashes. Tested for balance and pairwise
+    independence in ``tests/test_likelihood_resample.py``.
+
+    Parameters
+    ----------
+    seed:
+        Integer in $[0, 2^{32})$; different seeds give independent streams.
+    rows, counts:
+        ``(n,)`` int64 tensors (values in $[0, 2^{32})$) on the device of the result.
+    n_probes:
+        Probes per row.
+    shape:
+        One sample's shape.
+    probe:
+        ``"rademacher"`` or ``"gaussian"``.
+    dtype:
+        Floating dtype of the result.
+    """
+    check_choice(probe, "probe", PROBES)
+    if not 0 <= int(seed) <= _M32:
+        raise ValueError(f"seed must lie in [0, 2**32), got {seed!r}")
+    shape = tuple(int(s) for s in shape)
+    keys = _element_keys(int(n_probes) * math.prod(shape), probe, rows.device)
+    return _counter_probes(int(seed), rows, counts, keys, int(n_probes), shape, probe, dtype)
+
+
+def _element_keys(n_entries: int, probe: str, device) -> torch.Tensor:
+    """The scrambled entry indices of `counter_probes` (two per entry for Gaussian probes)."""
+    width = n_entries * (2 if probe == "gaussian" else 1)
+    return torch.arange(width, dtype=torch.int64, device=device).mul_(0x9E3779B1).bitwise_and_(_M32)
+
+
+def _counter_probes(seed: int, rows: torch.Tensor, counts: torch.Tensor, keys: torch.Tensor, n_probes: int,
+                    shape: Tuple[int, ...], probe: str, dtype: torch.dtype) -> torch.Tensor:
+    """`counter_probes` without validation, with the entry keys precomputed (`_element_keys`)."""
+    base = _mix32(_mix32(_mix32(torch.full_like(rows, seed)) ^ rows) ^ counts)  # (n,)
+    h = _mix32(base.unsqueeze(1) ^ keys)  # (n, width)
+    if probe == "rademacher":
+        v = ((h >> 15) & 1).to(dtype).mul_(2).sub_(1)
+    else:
+        u = (h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)
+        u1, u2 = u[:, 0::2], u[:, 1::2]
+        v = ((-2.0 * u1.log()).sqrt() * torch.cos(2.0 * math.pi * u2)).to(dtype)
+    return v.reshape((rows.shape[0], n_probes) + shape).transpose(0, 1)

@@ -111,7 +111,8 @@ class _SegmentNorm:
         self.per_sample = per_sample
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
-        r2 = r.square()
+        end = self.blocks[-1][1]
+        r2 = (r if end == r.shape[1] else r[:, :end]).square()  # columns past the blocks are not controlled
         if self.per_sample:
             parts = [r2[:, a:b].mean(1).max() for a, b in self.blocks] if len(self.blocks) > 1 else [r2.mean(1).max()]
         else:
@@ -198,8 +199,8 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
                        norm: str = "batch", segments: Sequence[int] = (), first_step: Optional[float] = None,
                        max_step: float = math.inf, safety: float = 0.9, ifactor: float = 10.0,
                        dfactor: float = 0.2, max_steps: Optional[int] = None, min_step: Optional[float] = None,
-                       save_at: Sequence[float] = (), sample_index: bool = False
-                       ) -> Tuple[torch.Tensor, Dict[str, Any]]:
+                       save_at: Sequence[float] = (), sample_index: bool = False,
+                       error_columns: Optional[int] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
     r"""Integrate ``dy/dt = func(t, y)`` from ``t_start`` to ``t_end``; return ``(y(t_end), info)``.
 
     Parameters
@@ -248,6 +249,13 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         ``norm="independent"`` only: call ``func(t, y, index)`` with ``index`` the ``(n,)`` int64
         positions of the running samples in ``y0``'s batch (to select per-sample constants such as
         Hutchinson probes).
+    error_columns:
+        Only the first ``error_columns`` columns enter the error norm (``segments`` must lie
+        inside them); the others are integrated by the same Runge–Kutta quadrature but never
+        reject a step or shape the step size. For components that do not feed back into the
+        field — a running integral such as the log-density change — whose values are random
+        (Hutchinson probes drawn afresh at each evaluation): their noise must not steer the steps,
+        or the steps would depend on the draws. Default: all columns.
 
     Returns
     -------
@@ -270,7 +278,7 @@ def integrate_adaptive(func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         index, the time reached and the partial statistics.
     """
     cfg = _config(method, y0, rtol, atol, norm, t_start, t_end, segments, first_step, max_step, safety, ifactor,
-                  dfactor, max_steps, min_step, save_at)
+                  dfactor, max_steps, min_step, save_at, error_columns)
     if not isinstance(sample_index, bool):
         raise TypeError(f"sample_index must be True or False, got {sample_index!r}")
     if sample_index and not cfg.independent:
@@ -305,7 +313,7 @@ class _Config:
 
 
 def _config(method, y0, rtol, atol, norm, t_start, t_end, segments, first_step, max_step, safety, ifactor, dfactor,
-            max_steps, min_step, save_at) -> _Config:
+            max_steps, min_step, save_at, error_columns=None) -> _Config:
     """Validate `integrate_adaptive`'s arguments (before any evaluation)."""
     if method not in _TABLEAUS:
         raise ValueError(f"method must be one of {sorted(_TABLEAUS)}, got {method!r}")
@@ -332,9 +340,17 @@ def _config(method, y0, rtol, atol, norm, t_start, t_end, segments, first_step, 
     if any(not (lo < v < hi) for v in save_list):
         raise ValueError(f"save_at times must lie strictly between t_start and t_end, got {list(save_list[:8])}")
     D = y0.shape[1]
-    bounds = (0,) + tuple(int(s) for s in segments) + (D,)
-    if any(not (0 < bounds[i] < bounds[i + 1]) for i in range(1, len(bounds) - 1)) or bounds[-2] >= D:
-        raise ValueError(f"segments must be increasing column indices inside (0, {D}), got {tuple(segments)!r}")
+    if error_columns is None:
+        error_columns = D
+    elif (isinstance(error_columns, bool) or not isinstance(error_columns, numbers.Integral)
+          or not 0 < error_columns <= D):
+        raise ValueError(f"error_columns must be an integer in [1, {D}] (the state's width) or None, "
+                         f"got {error_columns!r}")
+    E = int(error_columns)
+    bounds = (0,) + tuple(int(s) for s in segments) + (E,)
+    if any(not (0 < bounds[i] < bounds[i + 1]) for i in range(1, len(bounds) - 1)) or bounds[-2] >= E:
+        raise ValueError(f"segments must be increasing column indices inside (0, {E}), got {tuple(segments)!r}"
+                         + (f" (error_columns = {E})" if E < D else ""))
     return _Config(_TABLEAUS[method], method, rtol, atol, t0, t1, bounds, norm == "per-sample", norm == "independent",
                    first_step,
                    max_step, safety, ifactor, dfactor, max_steps, min_step, save_list)

@@ -34,8 +34,10 @@ F64 = torch.float64
 
 
 def _row_ratio(r: torch.Tensor, blocks) -> torch.Tensor:
-    """Per-row error ratio: RMS over each column block, then the max over blocks: ``(n,)``."""
-    r2 = r.square()
+    """Per-row error ratio: RMS over each column block, then the max over blocks: ``(n,)``
+    (columns past the last block, outside ``error_columns``, are not controlled)."""
+    end = blocks[-1][1]
+    r2 = (r if end == r.shape[1] else r[:, :end]).square()
     if len(blocks) == 1:
         return r2.mean(1).sqrt()
     return torch.stack([r2[:, a:b].mean(1) for a, b in blocks], 1).amax(1).sqrt()

@@ -33,7 +33,7 @@ def integrate_ode(field: Callable[[torch.Tensor, State], State], y0: State, t_st
                   needs_grad: bool = False, adjoint: bool = False,
                   adjoint_params: Optional[Sequence[torch.Tensor]] = None, max_steps: Optional[int] = None,
                   options: Optional[Mapping[str, Any]] = None, sample_index: bool = False,
-                  segments: Sequence[int] = ()
+                  segments: Sequence[int] = (), error_columns: Optional[int] = None
                   ) -> Tuple[State, Dict[str, Any]]:
     r"""Integrate ``dy/dt = field(t, y)`` from ``t_start`` to ``t_end``; return ``(y(t_end), info)``.
 
@@ -81,6 +81,10 @@ def integrate_ode(field: Callable[[torch.Tensor, State], State], y0: State, t_st
         components normed separately (``(d,)`` for ``[x | Δ]``: the same error control as the
         tuple state ``(x, Δ)``); the field is then called on the flat state as is (no split/cat).
         Ignored otherwise.
+    error_columns:
+        For a flat ``(B, D)`` state on the native backend: only its first ``error_columns``
+        columns enter the error control (see `sdekit.solvers.adaptive.integrate_adaptive`).
+        ``ValueError`` where the torchdiffeq backend would run.
 
     Returns
     -------
@@ -114,9 +118,12 @@ def integrate_ode(field: Callable[[torch.Tensor, State], State], y0: State, t_st
     comps = y0 if isinstance(y0, tuple) else (y0,)
     use_native = not blockers and (backend == "native" or norm == "independent" or
                                    (backend == "auto" and comps[0].device.type == "cpu"))
+    if error_columns is not None and not (use_native and isinstance(y0, torch.Tensor) and y0.dim() == 2):
+        raise ValueError(f"error_columns={error_columns!r} needs a flat (B, D) state on the native integrator; "
+                         f"here {'the torchdiffeq backend runs' if not use_native else 'the state is not flat'}")
     if use_native:
         y1, info = _native(field, y0, t_start, t_end, method, rtol, atol, norm, max_steps, options, sample_index,
-                           segments)
+                           segments, error_columns)
         info["adjoint"] = None
     else:
         y1, _, info = odeint_counted(field, y0, t_start, t_end, method=method, rtol=rtol, atol=atol, norm=norm,
@@ -161,13 +168,13 @@ def _native_blockers(method: str, needs_grad: bool, adjoint: bool, norm: str, op
 
 
 def _native(field, y0: State, t_start, t_end, method, rtol, atol, norm, max_steps, options, sample_index=False,
-            segments=()):
+            segments=(), error_columns=None):
     """The native integrator on the flattened state ``[c_1 | c_2 | ...]`` (one column block per
     component, each its own RMS norm, as torchdiffeq's mixed norm)."""
     if isinstance(y0, torch.Tensor) and y0.dim() == 2:  # already flat: the field is called as is
         return integrate_adaptive(field, y0.detach(), t_start, t_end, method=method, rtol=rtol, atol=atol,
                                   norm=norm, segments=tuple(segments), max_steps=max_steps,
-                                  sample_index=sample_index, **dict(options or {}))
+                                  sample_index=sample_index, error_columns=error_columns, **dict(options or {}))
     comps = y0 if isinstance(y0, tuple) else (y0,)
     B = comps[0].shape[0]
     shapes = [tuple(c.shape) for c in comps]
