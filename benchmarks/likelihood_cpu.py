@@ -470,9 +470,8 @@ def run_ve_sweep(quick: bool, repeats: int, tols=None, cases=None):
         score = gm.exact_score(ext)
         exact = gm.exact_log_prob(sde)(x.to(F64), t_eps)
         pT = gm.push(sde, sde.T)
-        for rec, _, norm in _SWEEP_RECIPES:  # warm-up, untimed
-            probe0 = torch.ones(4, d)
-            _sweep_solve(_, norm, sde, score, x[:4], pT, tol=1e-2, probe=probe0, **kw)
+        for _label, recipe, norm in _SWEEP_RECIPES:  # warm-up, untimed
+            _sweep_solve(recipe, norm, sde, score, x[:4], pT, tol=1e-2, probe=torch.ones(4, d), **kw)
         # the probe: sdekit draws it from Generator(seed); the k-diffusion recipe gets that very
         # tensor (and we check that its own draw from the same seed would be identical)
         with _ProbeRecorder() as pr:
