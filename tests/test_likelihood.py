@@ -454,6 +454,39 @@ def test_benchmark_script_quick(tmp_path):
         assert r["nfe"] > 0 and r["wall_s"] > 0
 
 
+def test_benchmark_script_ve_sweep_quick(tmp_path):
+    """``--only ve --sweep --quick`` on one tiny case and two tolerances: both tables, well-formed JSON."""
+    out = tmp_path / "sweep.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "likelihood_cpu.py"), "--only", "ve",
+                           "--sweep", "--quick", "--threads", "1", "--tols", "1e-3,1e-4", "--cases", "2x16",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| d | B | recipe | tol |" in proc.stdout and "| d | B | error | E |" in proc.stdout
+    data = json.loads(out.read_text())
+    assert {"machine", "torch_threads", "timestamp", "tols", "ref_tol", "targets", "recipes", "cases",
+            "points"} <= set(data)
+    assert data["quick"] and data["torch_threads"] == 1 and data["tols"] == [1e-3, 1e-4]
+    recipes = {r["label"] for r in data["recipes"]}
+    assert len(recipes) == 3 and len(data["points"]) == 3 * 2
+    for p in data["points"]:
+        assert p["recipe"] in recipes and not p.get("failed")
+        for k in ("nfe", "nfe_per_sample_mean", "wall_s", "solver_err_max", "solver_err_mean", "exact_err_max",
+                  "exact_err_mean"):
+            assert math.isfinite(p[k]) and p[k] >= 0, (k, p[k])
+        assert p["nfe"] > 0 and p["wall_s"] > 0 and p["solver_err_mean"] <= p["solver_err_max"]
+    (case,) = data["cases"]
+    assert case["probe_identical_to_kdiffusion_draw"] is True
+    assert case["reference_spread_max"] < 1e-6  # the three 1e-11 references solve the same ODE
+    assert len(case["equal_accuracy"]) == 2 * len(data["targets"])
+    for row in case["equal_accuracy"]:
+        assert set(row["recipes"]) == recipes
+        for r in row["recipes"].values():
+            assert r["status"] in ("interpolated", "at_loosest", "not_reached")
+            assert (r["wall_s"] is None) == (r["status"] == "not_reached")
+            assert r["wall_s"] is None or (math.isfinite(r["wall_s"]) and r["wall_s"] > 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # backends: the native integrator and torchdiffeq give the same solve
 # ---------------------------------------------------------------------------------------------
