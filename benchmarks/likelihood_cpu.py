@@ -503,7 +503,7 @@ def run_ve_sweep(quick: bool, repeats: int, tols=None, cases=None):
             for tol in tols:
                 for label, recipe, norm in _SWEEP_RECIPES:
                     a = acc[(label, tol)]
-                    if a["res"] is not None and a["res"].get("failed"):
+                    if isinstance(a["res"], dict):  # failed at an earlier repeat
                         continue
                     t0 = time.perf_counter()
                     try:

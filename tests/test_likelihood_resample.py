@@ -131,14 +131,19 @@ def test_resampled_probes_are_unbiased_against_the_exact_density():
 
 @pytest.mark.parametrize("sde", [sdekit.VPSDE(), sdekit.VESDE(0.01, 50.0)], ids=["VP", "VE"])
 def test_resampled_probes_cut_the_error(sde):
-    """At d = 32, tol 1e-5, one probe: the RMS error against the exact density falls by >= 1.6x
-    (measured 2.2x on VP at d = 64; fixed seeds). Fails if the probes are not redrawn."""
+    """At d = 32, one probe, the RMS error against the exact density (3 x 64 samples, fixed seeds)
+    of a fixed probe with dopri5 at tol 1e-5 falls with resampled probes: by >= 1.3x with dopri5
+    at the same tolerance (measured 1.55-2.0x over two seed sets), by >= 2.5x with bosh3 at tol
+    1e-4 (measured 4.1-4.25x). Fails if the probes are not redrawn (ratio ~1)."""
     gm, x = _mixture(32, 64, seed=5)
     seeds = range(3)
     fixed = torch.cat([e for e, _ in _errors(sde, gm, x, seeds, rtol=1e-5, atol=1e-5)])
     fresh = torch.cat([e for e, _ in _errors(sde, gm, x, seeds, rtol=1e-5, atol=1e-5, resample_probes=True)])
+    bosh3 = torch.cat([e for e, _ in _errors(sde, gm, x, seeds, rtol=1e-4, atol=1e-4, resample_probes=True,
+                                             method="bosh3")])
     rms = lambda e: float(e.pow(2).mean().sqrt())  # noqa: E731
-    assert rms(fresh) * 1.6 < rms(fixed)
+    assert rms(fresh) * 1.3 < rms(fixed)
+    assert rms(bosh3) * 2.5 < rms(fixed)
 
 
 def test_resampled_steps_do_not_depend_on_the_draws():

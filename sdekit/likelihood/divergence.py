@@ -329,10 +329,11 @@ _M32 = 0xFFFFFFFF
 
 def _mix32(h: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer hash (two xor-shift-multiply rounds) on int64 tensors holding values in
-    $[0, 2^{32})$; the multiplier is below $2^{31}$, so no product leaves int64."""
-    h = ((h >> 16) ^ h).mul_(0x45D9F3B).bitwise_and_(_M32)
-    h = ((h >> 16) ^ h).mul_(0x45D9F3B).bitwise_and_(_M32)
-    return (h >> 16) ^ h
+    $[0, 2^{32})$; the multiplier is below $2^{31}$, so no product leaves int64. Returns a new
+    tensor."""
+    h = (h >> 16).bitwise_xor_(h).mul_(0x45D9F3B).bitwise_and_(_M32)
+    h = (h >> 16).bitwise_xor_(h).mul_(0x45D9F3B).bitwise_and_(_M32)
+    return (h >> 16).bitwise_xor_(h)
 
 
 def counter_probes(seed: int, rows: torch.Tensor, counts: torch.Tensor, n_probes: int, shape,
@@ -343,8 +344,8 @@ def counter_probes(seed: int, rows: torch.Tensor, counts: torch.Tensor, n_probes
     ``rows[j]``, at its ``counts[j]``-th draw. The entries come from a counter-based hash (no
     generator state), so a sample's sequence of probes does not depend on which other samples are
     drawn with it or in what order — what per-sample stepping needs when every evaluation draws
-    fresh probes (`log_likelihood`'s ``resample_probes``). ``"rademacher"``: ±1 from one hash
-    bit; ``"gaussian"``: Box–Muller from two 32-bit hashes. Tested for balance and pairwise
+    fresh probes (`log_likelihood`'s ``resample_probes``). ``"rademacher"``: ±1 from one bit of
+    a 32-bit hash (32 entries per hash); ``"gaussian"``: Box–Muller from two 32-bit hashes. Tested for balance and pairwise
     independence in ``tests/test_likelihood_resample.py``.
 
     Parameters
@@ -367,24 +368,44 @@ def counter_probes(seed: int, rows: torch.Tensor, counts: torch.Tensor, n_probes
         raise ValueError(f"seed must lie in [0, 2**32), got {seed!r}")
     shape = tuple(int(s) for s in shape)
     keys = _element_keys(int(n_probes) * math.prod(shape), probe, rows.device)
-    return _counter_probes(int(seed), rows, counts, keys, int(n_probes), shape, probe, dtype)
+    return _counter_probes(_row_keys(int(seed), rows), counts, keys, int(n_probes), shape, probe, dtype)
+
+
+def _row_keys(seed: int, rows: torch.Tensor) -> torch.Tensor:
+    """The per-row stream keys of `counter_probes` (``(n,)``; computed once per solve)."""
+    return _mix32(_mix32(torch.full_like(rows, seed)) ^ rows)
+
+
+#: Rademacher entries per 32-bit hash (its bits 0..31; each bit of the hash is uniform and the bits
+#: are independent to the precision the tests check)
+_BITS = 32
 
 
 def _element_keys(n_entries: int, probe: str, device) -> torch.Tensor:
-    """The scrambled entry indices of `counter_probes` (two per entry for Gaussian probes)."""
-    width = n_entries * (2 if probe == "gaussian" else 1)
+    """The scrambled word indices of `counter_probes`: one hash per 32 Rademacher entries, two per
+    Gaussian entry."""
+    width = -(-n_entries // _BITS) if probe == "rademacher" else 2 * n_entries
     return torch.arange(width, dtype=torch.int64, device=device).mul_(0x9E3779B1).bitwise_and_(_M32)
 
 
-def _counter_probes(seed: int, rows: torch.Tensor, counts: torch.Tensor, keys: torch.Tensor, n_probes: int,
+_SHIFTS: dict = {}
+
+
+def _counter_probes(row_keys: torch.Tensor, counts: torch.Tensor, keys: torch.Tensor, n_probes: int,
                     shape: Tuple[int, ...], probe: str, dtype: torch.dtype) -> torch.Tensor:
-    """`counter_probes` without validation, with the entry keys precomputed (`_element_keys`)."""
-    base = _mix32(_mix32(_mix32(torch.full_like(rows, seed)) ^ rows) ^ counts)  # (n,)
-    h = _mix32(base.unsqueeze(1) ^ keys)  # (n, width)
+    """`counter_probes` without validation, from the rows' stream keys (`_row_keys`) and the word
+    keys (`_element_keys`)."""
+    n, entries = row_keys.shape[0], n_probes * math.prod(shape)
+    base = _mix32(row_keys ^ counts)  # (n,)
+    h = _mix32(base.unsqueeze(1) ^ keys)  # (n, words)
     if probe == "rademacher":
-        v = ((h >> 15) & 1).to(dtype).mul_(2).sub_(1)
+        sh = _SHIFTS.get(h.device)
+        if sh is None:
+            sh = _SHIFTS[h.device] = torch.arange(_BITS, dtype=torch.int64, device=h.device)
+        bits = (h.unsqueeze(2) >> sh).bitwise_and_(1).reshape(n, -1)[:, :entries]  # (n, entries)
+        v = bits.to(dtype).mul_(-2.0).add_(1.0)
     else:
         u = (h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)
         u1, u2 = u[:, 0::2], u[:, 1::2]
         v = ((-2.0 * u1.log()).sqrt() * torch.cos(2.0 * math.pi * u2)).to(dtype)
-    return v.reshape((rows.shape[0], n_probes) + shape).transpose(0, 1)
+    return v.reshape((n, n_probes) + shape).transpose(0, 1)

@@ -48,6 +48,7 @@ from .divergence import (
     PROBES,
     _counter_probes,
     _element_keys,
+    _row_keys,
     NotDifferentiableError,
     draw_probes,
     exact_divergence_of,
@@ -327,6 +328,11 @@ def _probe_divergence(mode: str, s: torch.Tensor, xu: torch.Tensor, probes: torc
     return hutchinson_divergence_of(s, xu, probes)
 
 
+#: resampled probes are hashed for up to this many calls at once, and for at most this many entries
+_PROBE_BLOCK = 16
+_PROBE_BLOCK_ENTRIES = 1 << 20
+
+
 class _FlatLinearField:
     r"""The augmented field of a linear SDE on one flat float64 state ``[u | δ]`` ``(B, d + K)``,
     for the native integrator (no gradient through the solve).
@@ -354,12 +360,16 @@ class _FlatLinearField:
         self.shape = tuple(x.shape)
         self.B, self.d = self.shape[0], math.prod(self.shape[1:])
         self.dtype = x.dtype
-        # resample_probes: (seed, probe kind); each row's draws are counted (`counter_probes`)
+        # resample_probes: (seed, probe kind). Every running row is evaluated at every call, so a
+        # row's evaluation count is the solve's call count: the probes of the next few calls are
+        # hashed for all rows at once (a block; amortises the hash's ~30 small ops)
         self.resample = resample if mode == "hutchinson" else None
         if self.resample is not None:
-            self._calls = torch.zeros(self.B, dtype=torch.int64, device=x.device)
-            self._all_rows = torch.arange(self.B, device=x.device)
+            self._calls = 0
+            self._stream = _row_keys(resample[0], torch.arange(self.B, device=x.device))
             self._keys = _element_keys(K * self.d, resample[1], x.device)
+            self._block_len = max(1, min(_PROBE_BLOCK, _PROBE_BLOCK_ENTRIES // max(1, self.B * K * self.d)))
+            self._block, self._block_start = None, 0
         self.pre = var is not None
         self.scalar = False
         if self.pre:
@@ -377,15 +387,16 @@ class _FlatLinearField:
         ones, or with ``resample_probes`` fresh ones keyed by (row, its evaluation count)."""
         if self.resample is None:
             return self.probes if index is None else self.probes[:, index]
-        rows = self._all_rows if index is None else index
-        counts = self._calls if index is None else self._calls[index]
-        out = _counter_probes(self.resample[0], rows, counts, self._keys, self.K, self.shape[1:], self.resample[1],
-                              self.dtype)
-        if index is None:
-            self._calls.add_(1)
-        else:
-            self._calls.index_add_(0, index, torch.ones_like(index))
-        return out
+        c = self._calls
+        self._calls += 1
+        if self._block is None or not self._block_start <= c < self._block_start + self._block_len:
+            M, B = self._block_len, self.B
+            counts = torch.arange(c, c + M, device=self._stream.device).repeat_interleave(B)
+            blk = _counter_probes(self._stream.repeat(M), counts, self._keys, self.K, self.shape[1:],
+                                  self.resample[1], self.dtype)  # (K, M * B, ...)
+            self._block, self._block_start = blk.reshape((self.K, M) + self.shape), c
+        out = self._block[:, c - self._block_start]
+        return out if index is None else out[:, index]
 
     def _coefficients(self, t: torch.Tensor) -> Tuple[float, float, float, float]:
         """``m, σ², f, g²`` at ``t`` as floats, from the kernel's own formulas. The native integrator
@@ -923,12 +934,18 @@ def _resolve_moments(precondition, data_moments, prior, sde: SDE, x: torch.Tenso
 
 def _solve_flat(sde: LinearSDE, counter: CountingFunction, req: "_Request", method: str, norm: str, backend: str,
                 max_steps, options, generator, probe: str,
-                moments: Optional[Tuple[torch.Tensor, torch.Tensor]], resample: bool = False) -> LikelihoodResult:
-    """`log_likelihood` on one flat float64 state ``[u | δ]`` with `_FlatLinearField`."""
+                moments: Optional[Tuple[torch.Tensor, torch.Tensor]], resample: bool = False,
+                control_delta: Optional[bool] = None) -> LikelihoodResult:
+    """`log_likelihood` on one flat float64 state ``[u | δ]`` with `_FlatLinearField`.
+    ``control_delta``: whether the δ columns enter the error control (default: unless
+    ``resample``; the targeted mode's solver check runs a fixed probe without it, so that it takes
+    the steps of the resampled solves)."""
     x, t_eps, mode, K, d, B = req.x, req.t_eps, req.mode, req.n_probes, req.d, int(req.x.shape[0])
     # "cv" (the targeted mode's control variate): K = 2 x probes state columns, K/2 probes + CV_SKETCH
     n_vec = K if mode == "hutchinson" else K // 2 + CV_SKETCH
     resample = resample and mode == "hutchinson"
+    if control_delta is None:
+        control_delta = not resample
     if resample:  # one seed from the generator; the probes are a hash of (seed, row, evaluation count)
         gdev = generator.device if generator is not None else "cpu"
         probes, seeded = None, (int(torch.randint(0, 2 ** 32 - 1, (1,), generator=generator, device=gdev)), probe)
@@ -945,8 +962,8 @@ def _solve_flat(sde: LinearSDE, counter: CountingFunction, req: "_Request", meth
     try:
         y1, info = integrate_ode(field_, y0, t_eps, sde.T, method=method, rtol=req.rtol, atol=req.atol, norm=norm,
                                  backend="native", max_steps=max_steps, options=options,
-                                 segments=() if resample else (d,), sample_index=norm == "independent",
-                                 error_columns=d if resample else None)
+                                 segments=(d,) if control_delta else (), sample_index=norm == "independent",
+                                 error_columns=None if control_delta else d)
     except SolverError as e:
         if e.stats is not None:
             e.stats.extra["score_calls"] = counter.count

@@ -11,20 +11,31 @@ tolerance at low cost:
    $1.5\cdot10^{-3}$ nats/dim at tol $10^{-3}$, $1.2\cdot10^{-3}$ at $3\cdot10^{-4}$,
    $2.5\cdot10^{-4}$ at $10^{-4}$, i.e. at most $\approx 4\tau$; with $\tau = \varepsilon/10$ the
    solver error is $\lesssim 0.4\varepsilon$ and adds $\lesssim 8\%$ in quadrature to the probe
-   error. The stderr includes its measured scale (point 3).
+   error. The stderr includes its measured scale (point 3). The resampled-probe solves (point 3)
+   use the same rule: bosh3 with the state-only error control has an RMS solver error of
+   0.2–0.45 $\tau$ for $\tau \le 10^{-3}$ at d = 24, 48, 64, but a heavy tail (worst sample
+   ~7x the RMS), and with $\tau = 0.3\varepsilon$ that tail broke the coverage (0.865 at
+   $\varepsilon = 0.004$); at $\tau = \varepsilon/10$ it is 0.89–0.96.
 2. **Exact divergence** for the whole batch when $d \le$ ``exact_dim_limit`` (no probe error;
    then only the tolerance is chosen, and a second exact solve at $\tau/10$ gives the
    solver-error scale reported as the stderr), and for each sample whose planned number of probes
    reaches $d$ (the $d$ basis vectors then cost no more than the probes and leave no variance).
-3. **Pilot and solver check.** One solve of the whole batch with ``pilot_probes`` $= K_0 = 4$
-   Rademacher probes at tolerance $\tau$ gives, per sample $b$, the sample variances of the
+3. **Pilot and solver check.** Where the native linear path runs (a `LinearSDE`, no gradient)
+   and the control variate is not asked for, every probe solve uses **resampled probes with
+   bosh3** (`log_likelihood`'s ``resample_probes``, `RESAMPLED_METHOD`; see
+   ``docs/likelihood.md``: at the same cost its per-probe error is ~4x smaller than a fixed
+   probe's, so far fewer probes are needed). In both cases one solve of the whole batch with
+   ``pilot_probes`` $= K_0 = 4$ probes at tolerance $\tau$ (the pilot) gives, per sample $b$, the sample variances of the
    single-probe estimates $\hat\ell_{bk} = \log p_T(z_b) + \hat\Delta_{bk}$ of $\log p$ — with
    ``control_variate=True`` (opt-in; only where the native linear solve runs) of BOTH estimators, plain
    ($s_{b}^2$) and corrected ($s_{b,cv}^2$), on the same probes
-   (`sdekit.likelihood.divergence.lowrank_cv_divergence_of`). A one-probe solve at $\tau/10$
-   from the pilot's seed repeats the pilot's first probe and differs from it by solver error
-   only; their RMS difference over the batch, $\sigma_{ode}$, is the solver-error scale at $\tau$ (one number: per sample the solver error of the later
-   solves, which take other steps, scatters around it).
+   (`sdekit.likelihood.divergence.lowrank_cv_divergence_of`). The solver check: with fixed
+   probes, a one-probe solve at $\tau/10$ from the pilot's seed repeats the pilot's first probe
+   and differs from it by solver error only; with resampled probes, one probe is held FIXED in a
+   solve at $\tau$ with the state-only error control (the very steps of the resampled solves)
+   and compared with a dopri5 solve with the same probe at $\tau/10$. Their RMS difference over
+   the batch, $\sigma_{ode}$, is the solver-error scale at $\tau$ (one number: per sample the
+   solver error of the later solves scatters around it).
 4. **Estimator and probes per sample.** Plain Hutchinson needs
    $K_b = \lceil \kappa\, s_b^2 / (\varepsilon d)^2\rceil$ probes and costs $K_b$ VJPs per
    evaluation; the control variate needs $K_{b,cv}$ (the same with $s_{b,cv}^2$) and costs
@@ -51,9 +62,10 @@ Hutchinson samples (so `LikelihoodResult.confidence_interval`, a Student-t inter
 include $\sigma_{ode}$), ``delta_per_probe`` holds the pilot's $K_0$ plain probes
 (common to all samples; planning only), ``z`` is the pilot's, and ``stats.extra["targeted"]``
 records the plan: ``estimator`` (per sample: ``"hutchinson"``, ``"cv"`` or ``"exact"``),
-``control_variate``, ``rtol``/``atol``, ``pilot_probes``, ``pilot_nfe``, ``check_nfe``,
-``solver_rms`` (nats per sample), ``probes_per_sample`` (0 = exact), ``exact_samples``, ``plan``
-(per bucket: estimator, probes, samples, nfe) and ``solves``. ``stats.nfe`` and
+``control_variate``, ``resample_probes``, ``method``, ``rtol``/``atol``, ``pilot_probes``,
+``pilot_nfe``, ``check_nfe``, ``solver_rms`` (nats per sample), ``probes_per_sample``
+(0 = exact), ``exact_samples``, ``plan`` (per bucket: estimator, probes, samples, nfe, method,
+resample_probes) and ``solves``. ``stats.nfe`` and
 ``extra["score_calls"]`` are summed over all solves, pilot and check included; ``wall_time`` is
 end to end.
 """
@@ -73,7 +85,7 @@ from . import ode
 from .divergence import CV_SKETCH
 from .ode import LikelihoodResult, log_likelihood
 
-__all__ = ["targeted_log_likelihood", "tolerance_for_target"]
+__all__ = ["targeted_log_likelihood", "tolerance_for_target", "RESAMPLED_METHOD"]
 
 F64 = torch.float64
 
@@ -84,6 +96,9 @@ _TOL_PER_TARGET = 0.1
 #: mixture with a solver error of 6-9 tol (9e-3, 1.5e-2 nats/dim), i.e. the error-tol relation of
 #: point 1 no longer holds there
 _TOL_MAX = 1e-3
+#: the method of the resampled-probe solves (docs/likelihood.md: its even weights make nearly every
+#: evaluation an independent draw)
+RESAMPLED_METHOD = "bosh3"
 #: the tightest tolerance used (float64 state; below this the solve costs grow without benefit)
 _TOL_MIN = 1e-8
 #: the solver check runs at tol * _CHECK_RATIO: its error is then ~10x smaller (module doc), so the
@@ -100,7 +115,9 @@ _PLAN_INFLATION = 1.5
 
 def tolerance_for_target(target_stderr: float) -> float:
     r"""The solver tolerance (rtol = atol) used for a target stderr $\varepsilon$ (nats/dim):
-    $\min(10^{-3}, \max(10^{-8}, \varepsilon/10))$; see the module docstring for the measurements."""
+    $\min(10^{-3}, \max(10^{-8}, \varepsilon/10))$, for both kinds of solve (resampled probes with
+    bosh3 and the state-only error control; fixed probes with dopri5); see the module docstring for
+    the measurements."""
     return min(_TOL_MAX, max(_TOL_MIN, _TOL_PER_TARGET * float(target_stderr)))
 
 
@@ -143,6 +160,21 @@ def _solve_cv(sde, score, x, k: int, probe: str, generator, common):
     return res
 
 
+def _solve_fixed_state_controlled(sde, score, x, probe: str, generator, common):
+    r"""One solve with ONE probe held fixed whose $\delta$ column is left out of the error control:
+    the steps are those of a `resample_probes` solve at the same tolerance (they depend on the
+    state only), so against a tight solve with the same probe it measures the resampled solves'
+    quadrature error without probe noise."""
+    a = _all_args(common)
+    req = ode._request(sde, score, x, a["t_eps"], a["method"], a["rtol"], a["atol"], "hutchinson", probe, 1,
+                       generator, False, "independent", a["prior"], a["exact_dim_limit"], a["max_steps"],
+                       a["params"], a["backend"])
+    moments = ode._resolve_moments(a["precondition"], a["data_moments"], a["prior"], sde, x, True)
+    return ode._solve_flat(sde, CountingFunction(score), req, a["method"], "independent", a["backend"],
+                           a["max_steps"], a["options"], generator, probe, moments, resample=False,
+                           control_delta=False)
+
+
 def _check_target(target_stderr) -> float:
     if isinstance(target_stderr, bool) or not isinstance(target_stderr, numbers.Real):
         raise TypeError(f"target_stderr must be a positive number (nats per dimension), got "
@@ -179,6 +211,10 @@ def targeted_log_likelihood(sde, score, x: torch.Tensor, *, target_stderr: float
     tolerances, ``n_probes``, ``divergence`` and ``norm`` are chosen here.
     """
     eps = _check_target(target_stderr)
+    for name in _CHOSEN:
+        if name in kwargs:
+            raise ValueError(f"{name}={kwargs[name]!r} cannot be combined with target_stderr={target_stderr!r}: the "
+                             f"accuracy-targeted mode chooses {name} itself (drop one of the two)")
     if isinstance(pilot_probes, bool) or not isinstance(pilot_probes, numbers.Integral) or pilot_probes < 2:
         raise ValueError(f"pilot_probes must be an integer >= 2 (a variance needs two draws), got {pilot_probes!r}")
     k0 = int(pilot_probes)
@@ -207,28 +243,48 @@ def targeted_log_likelihood(sde, score, x: torch.Tensor, *, target_stderr: float
         return res
 
     # ---- pilot and solver check ----------------------------------------------------------------
-    # the pilot and the check draw from generators seeded alike, so the check's one probe is the
-    # pilot's first: their difference is solver error only (no probe noise)
     gdev = x.device if x.device.type != "cpu" else "cpu"
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device if generator is not None
                              else "cpu"))
     use_cv = control_variate and _cv_possible(sde, score, x, common)
-    if use_cv:  # the pilot measures both estimators on the same probes: columns [corrected | plain]
-        pilot = _solve_cv(sde, score, x, k0, probe, torch.Generator(gdev).manual_seed(seed), common)
-    else:
+    use_rs = not use_cv and _cv_possible(sde, score, x, common)
+    if use_rs:
+        # resampled probes with bosh3 (docs/likelihood.md): the pilot plans, the check measures the
+        # quadrature error of the steps these solves take (a fixed probe, the state-only error
+        # control, against a tight solve with the same probe)
+        rs = dict(common, method=RESAMPLED_METHOD)
+        est_kw = dict(rs, resample_probes=True)
         pilot = log_likelihood(sde, score, x, divergence="hutchinson", n_probes=k0, probe=probe,
-                               generator=torch.Generator(gdev).manual_seed(seed), **common)
-    chk = log_likelihood(sde, score, x, divergence="hutchinson", n_probes=1, probe=probe,
-                         generator=torch.Generator(gdev).manual_seed(seed), **check_common)
-    runs = [pilot, chk]
-    est = pilot.prior_log_prob[:, None] + pilot.delta_per_probe  # per-probe log p estimates
-    if use_cv:
-        est_cv, est = est[:, :k0], est[:, k0:]
-    first = est[:, 0]  # the pilot's first (plain) probe is the check's probe (probes come first)
-    # the solver error: one number for the batch (the RMS over samples of the tol vs tol/10
-    # difference). Per sample it is not a usable estimate: the solves of the plan take other steps
-    # than the pilot, and their errors at one tolerance scatter around this scale
-    solver_rms = float((first - chk.log_prob).detach().pow(2).mean().sqrt())
+                               generator=torch.Generator(gdev).manual_seed(seed), **est_kw)
+        fixed = _solve_fixed_state_controlled(sde, score, x, probe, torch.Generator(gdev).manual_seed(seed + 1), rs)
+        chk = log_likelihood(sde, score, x, divergence="hutchinson", n_probes=1, probe=probe,
+                             generator=torch.Generator(gdev).manual_seed(seed + 1),
+                             **dict(check_common, rtol=tol * _CHECK_RATIO, atol=tol * _CHECK_RATIO))
+        runs = [pilot, fixed, chk]
+        est = pilot.prior_log_prob[:, None] + pilot.delta_per_probe
+        solver_rms = float((fixed.log_prob - chk.log_prob).detach().pow(2).mean().sqrt())
+        check_nfe = fixed.stats.nfe + chk.stats.nfe
+    else:
+        # the pilot and the check draw from generators seeded alike, so the check's one probe is the
+        # pilot's first: their difference is solver error only (no probe noise)
+        est_kw = common
+        if use_cv:  # the pilot measures both estimators on the same probes: columns [corrected | plain]
+            pilot = _solve_cv(sde, score, x, k0, probe, torch.Generator(gdev).manual_seed(seed), common)
+        else:
+            pilot = log_likelihood(sde, score, x, divergence="hutchinson", n_probes=k0, probe=probe,
+                                   generator=torch.Generator(gdev).manual_seed(seed), **common)
+        chk = log_likelihood(sde, score, x, divergence="hutchinson", n_probes=1, probe=probe,
+                             generator=torch.Generator(gdev).manual_seed(seed), **check_common)
+        runs = [pilot, chk]
+        est = pilot.prior_log_prob[:, None] + pilot.delta_per_probe  # per-probe log p estimates
+        if use_cv:
+            est_cv, est = est[:, :k0], est[:, k0:]
+        first = est[:, 0]  # the pilot's first (plain) probe is the check's probe (probes come first)
+        # the solver error: one number for the batch (the RMS over samples of the tol vs tol/10
+        # difference). Per sample it is not a usable estimate: the solves of the plan take other steps
+        # than the pilot, and their errors at one tolerance scatter around this scale
+        solver_rms = float((first - chk.log_prob).detach().pow(2).mean().sqrt())
+        check_nfe = chk.stats.nfe
     # probes needed by each estimator, at least K_MIN, and its cost in VJPs per evaluation: plain K,
     # control variate K + 2 m (sketch and second pass), exact d. Each sample takes the cheapest.
     unit = (eps * d) ** 2
@@ -262,7 +318,7 @@ def targeted_log_likelihood(sde, score, x: torch.Tensor, *, target_stderr: float
                     e = (r.prior_log_prob[:, None] + r.delta_per_probe)[:, :size]  # the corrected columns
                 else:
                     r = log_likelihood(sde, score, xi, divergence="hutchinson", n_probes=size, probe=probe,
-                                       generator=generator, **common)
+                                       generator=generator, **est_kw)
                     e = r.prior_log_prob[:, None] + r.delta_per_probe  # fresh probes: independent of the plan
                 runs.append(r)
                 di = idx.to(x.device)
@@ -270,7 +326,8 @@ def targeted_log_likelihood(sde, score, x: torch.Tensor, *, target_stderr: float
                 prior_lp = prior_lp.index_copy(0, di, r.prior_log_prob)
                 probe_var = probe_var.index_copy(0, di, e.detach().var(1, unbiased=True) / size)
                 count[idx] = size
-                plan.append(dict(estimator=name, probes=size, samples=int(idx.numel()), nfe=r.stats.nfe))
+                plan.append(dict(estimator=name, probes=size, samples=int(idx.numel()), nfe=r.stats.nfe,
+                                 method=r.stats.method, resample_probes=r.stats.extra.get("resample_probes", False)))
             if not bool((nb[mask] > size).any()):
                 break
             lo, size = size, 2 * size
@@ -301,7 +358,9 @@ def targeted_log_likelihood(sde, score, x: torch.Tensor, *, target_stderr: float
         vectors_per_eval=None,  # differs between the solves: see targeted["plan"]
         targeted=dict(target_stderr=eps, estimator=chosen, control_variate=use_cv, rtol=tol, atol=tol, pilot_probes=k0,
                       pilot_nfe=pilot.stats.nfe, pilot_sample_evals=pilot.stats.sample_evals,
-                      check_nfe=chk.stats.nfe, solver_rms=solver_rms, probes_per_sample=count.clone(), exact_samples=int(exact_idx.numel()), plan=plan,
+                      check_nfe=check_nfe, solver_rms=solver_rms, resample_probes=use_rs,
+                      method=RESAMPLED_METHOD if use_rs else common.get("method", "dopri5"),
+                      probes_per_sample=count.clone(), exact_samples=int(exact_idx.numel()), plan=plan,
                       solves=len(runs)))
     n_min = int(count[count > 0].min()) if bool((count > 0).any()) else 0
     return LikelihoodResult(log_prob=log_prob, prior_log_prob=prior_lp, delta_log_prob=log_prob - prior_lp,
@@ -311,7 +370,7 @@ def targeted_log_likelihood(sde, score, x: torch.Tensor, *, target_stderr: float
 
 #: `log_likelihood` arguments that the targeted mode chooses itself: passing one (other than its
 #: default) with ``target_stderr`` is a contradiction and raises
-_CHOSEN = ("n_probes", "rtol", "atol", "divergence", "norm")
+_CHOSEN = ("n_probes", "rtol", "atol", "divergence", "norm", "method", "resample_probes")
 
 
 def _dispatch(sde, score, x, target_stderr, args: Dict[str, Any]):
